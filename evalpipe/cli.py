@@ -1,0 +1,20 @@
+"""The one command-line entry point: `evalpipe <command>`.
+
+Each command lives in the module that owns its work; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="evalpipe",
+    help="Accuracy gate for quantized MoE models: evaluate, compare against a baseline, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    app()
