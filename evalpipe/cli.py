@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from runtime.cli import model_app, quantize_command
+
 app = typer.Typer(
     name="evalpipe",
     help="Accuracy gate for quantized MoE models: evaluate, compare against a baseline, serve.",
@@ -14,6 +16,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.command("quantize")(quantize_command)
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
