@@ -73,14 +73,14 @@ class AnswerKeyEntry(BaseModel):
 class Behaviour(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "fake-model"
+    model: str = Field(default="fake-model", description="the one model served")
     max_model_len: int | None = 65536
-    accuracy: float = Field(default=0.7, ge=0.0, le=1.0)
-    truncation_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    no_answer_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    reasoning: Reasoning = "field"
-    reasoning_words: int = Field(default=24, ge=0)
-    chunk_words: int = Field(default=8, ge=1)
+    accuracy: float = Field(default=0.7, ge=0.0, le=1.0, description="mean chance of a correct oracle answer")
+    truncation_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="share of answers cut at max_tokens")
+    no_answer_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="share of answers with no final answer")
+    reasoning: Reasoning = Field(default="field", description="where thinking goes: field, think_tags or none")
+    reasoning_words: int = Field(default=24, ge=0, description="length of the reasoning in each answer")
+    chunk_words: int = Field(default=8, ge=1, description="words per streamed chunk")
     latency_s: float = Field(default=0.0, ge=0.0, description="delay before every response")
     tokens_per_s: float = Field(default=0.0, ge=0.0, description="pace of streamed tokens; 0 streams at once")
     rules: list[Rule] = Field(default_factory=list)
@@ -480,7 +480,8 @@ def _main() -> None:
     parser.add_argument("--answer-key-for", help="run config whose plan's answers the server should know")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", help="write the chosen port here once listening")
-    knobs = ("model", "accuracy", "truncation_rate", "no_answer_rate", "tokens_per_s", "latency_s", "reasoning")
+    knobs = ("model", "accuracy", "truncation_rate", "no_answer_rate", "tokens_per_s", "latency_s", "reasoning",
+             "reasoning_words", "chunk_words")
     for name in knobs:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=Behaviour.model_fields[name].description)
     args = parser.parse_args()
