@@ -247,14 +247,25 @@ def resolved_config(config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -
     return raw
 
 
-def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan]) -> Path:
-    run_id = new_run_id()
-    run_dir = Path(config.output_dir) / config.name / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+def write_resolved_config(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -> None:
     (run_dir / RESOLVED_CONFIG).write_text(
         yaml.safe_dump(resolved_config(config, plans, run_id), sort_keys=False, allow_unicode=True), encoding="utf-8"
     )
+
+
+def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan]) -> Path:
+    run_id = new_run_id()
+    run_dir = Path(config.output_dir) / config.name / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        write_resolved_config(run_dir, config, plans, run_id)
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
     return run_dir
+
+
+def saved_run_id(run_dir: Path) -> str:
+    return yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))["resolved"]["run_id"]
 
 
 def load_resumable(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], side: str) -> list[SampleRecord]:
@@ -349,6 +360,8 @@ async def execute_run(
                 pilots[name] = []
             else:
                 pilots[name] = await preflight_side(pools[name], name, spec, plans, config, done[name])
+        if resume:  # record tasks or samples the config may have added since
+            write_resolved_config(resume, config, plans, saved_run_id(resume))
         run_dir = resume or create_run_dir(config, plans)
         log.info("run dir: %s", run_dir)
         for name, spec in sides:
@@ -362,15 +375,16 @@ async def execute_run(
         for pool in pools.values():
             await pool.aclose()
 
-    run_id = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))["resolved"]["run_id"]
+    run_id = saved_run_id(run_dir)
     results, warnings, all_failed = {}, [], True
     for name, spec in sides:
+        records = read_journal(run_dir / name / "journal.jsonl")
         endpoint = {"model": spec.model, "base_url": spec.base_url, "concurrency": config.concurrency,
                     "requests_sent_this_invocation": sent[name]}
-        results[name] = write_side_results(run_dir / name, plans, run_id=run_id, config_name=config.name,
+        results[name] = write_side_results(run_dir / name, records, plans, run_id=run_id, config_name=config.name,
                                            label=spec.label, endpoint=endpoint)
         warnings += [f"{name}: {w}" for w in truncation_warnings(results[name][0], plans)]
-        latest = latest_by_key(read_journal(run_dir / name / "journal.jsonl"))
+        latest = latest_by_key(records)
         all_failed &= bool(latest) and all(r.outcome == "error" for r in latest.values())
     (run_dir / "report.md").write_text(
         report_markdown(config_name=config.name, run_dir=run_dir, sides=results, warnings=warnings,
@@ -381,11 +395,10 @@ async def execute_run(
 
 
 def write_side_results(
-    side_dir: Path, plans: Sequence[TaskPlan], *, run_id: str, config_name: str, label: str,
-    endpoint: dict[str, Any],
+    side_dir: Path, records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str,
+    label: str, endpoint: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """summary.json and details.json of a side, computed from its whole journal."""
-    records = read_journal(side_dir / "journal.jsonl")
     summary, details = summarize_side(records, plans, run_id=run_id, config_name=config_name, label=label,
                                       extra_details={"endpoint": endpoint})
     write_json(side_dir / "summary.json", summary)

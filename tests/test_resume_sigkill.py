@@ -15,7 +15,7 @@ import pytest
 
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
-from evalpipe.testing.fake_server import FakeServer, answer_key_for_plan, text_key
+from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans, text_key
 from orch_helpers import needs_shared_data, write_config
 
 pytestmark = [needs_shared_data, pytest.mark.slow]
@@ -59,7 +59,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_summary(t
     behaviour = dict(accuracy=0.6, truncation_rate=0.1, no_answer_rate=0.05, latency_s=0.03, tokens_per_s=2000)
     reference_cfg = write_config(tmp_path / "reference.yaml", "http://127.0.0.1:1/v1", TASKS, concurrency=4)
     _, plans = plan_from_config(reference_cfg)
-    key = answer_key_for_plan([r for p in plans for r in p.requests])
+    key = answer_key_for_plans(plans)
     wire_key = {r.key: (text_key(r.messages[-1]["content"]), r.seed) for p in plans for r in p.requests}
 
     with FakeServer({**behaviour, "answer_key": key}) as server:

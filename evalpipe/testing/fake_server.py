@@ -464,18 +464,14 @@ class FakeServer:
                 "text_offset": [0] * len(tokens)}
 
 
-def answer_key_for_plan(requests: list[Any]) -> dict[str, AnswerKeyEntry]:
-    """Answer key of a plan's requests (evalpipe.plan.SampleRequest), for oracle answers."""
-    from evalpipe.cards import load_card  # local import: the server itself does not need the orchestrator
-
-    types: dict[str, str] = {}
+def answer_key_for_plans(plans: list[Any]) -> dict[str, AnswerKeyEntry]:
+    """Answer key of every request of some task plans (evalpipe.plan.TaskPlan), for oracle answers."""
     key: dict[str, AnswerKeyEntry] = {}
-    for r in requests:
-        if r.task not in types:
-            types[r.task] = load_card(r.task).scoring.answer_type
-        user = next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
-        key[text_key(user)] = AnswerKeyEntry(gold=r.gold, answer_type=types[r.task], letters=r.letters,
-                                            question=f"{r.task}/{r.question_id}")
+    for plan in plans:
+        for r in plan.requests:
+            user = next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
+            key[text_key(user)] = AnswerKeyEntry(gold=r.gold, answer_type=plan.card.scoring.answer_type,
+                                                letters=r.letters, question=f"{r.task}/{r.question_id}")
     return key
 
 
@@ -497,7 +493,7 @@ def _main() -> None:
         from evalpipe.runner import plan_from_config
 
         _, plans = plan_from_config(args.answer_key_for)
-        key = answer_key_for_plan([r for p in plans for r in p.requests])
+        key = answer_key_for_plans(plans)
         behaviour = behaviour.model_copy(update={"answer_key": {**key, **behaviour.answer_key}})
     server = FakeServer(behaviour, port=args.port)
 
