@@ -16,7 +16,7 @@ import pytest
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
 from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans, text_key
-from orch_helpers import needs_shared_data, write_config
+from orch_helpers import needs_shared_data, run_cli, write_config
 
 pytestmark = [needs_shared_data, pytest.mark.slow]
 
@@ -64,9 +64,8 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_summary(t
 
     with FakeServer({**behaviour, "answer_key": key}) as server:
         write_config(reference_cfg, server.base_url, TASKS, concurrency=4)
-        done = subprocess.run([sys.executable, "-m", "evalpipe", "run", str(reference_cfg), "--no-progress"],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = run_cli("run", str(reference_cfg), "--no-progress")  # uninterrupted, in this process
+        assert done.exit_code == 0, done.output
         reference = json.loads((Path(done.stdout.strip().splitlines()[-1]) / "candidate/summary.json").read_text())
 
     interrupted = tmp_path / "interrupted"
