@@ -133,6 +133,31 @@ def paired_difference(candidate: ArrayLike, baseline: ArrayLike) -> PairedDiff:
     return PairedDiff(delta, stderr, (delta - half, delta + half), n, n - 1, cand_acc, base_acc, floored)
 
 
+@dataclass(frozen=True)
+class Accuracy:
+    """One side's accuracy: mean over questions of per-question means, standard error clustered by question."""
+
+    mean: float
+    stderr: float
+    ci95: tuple[float, float]
+    n_questions: int
+
+
+def accuracy(outcomes: ArrayLike) -> Accuracy:
+    """Accuracy of an (n_questions, k) outcome matrix; questions without any sample are left out."""
+    means, counts = _row_means_and_counts(_as_outcomes(outcomes, "outcomes"))
+    means = means[counts > 0]
+    n = int(means.size)
+    if n == 0:
+        return Accuracy(math.nan, math.inf, (-math.inf, math.inf), 0)
+    mean = float(means.mean())
+    if n < 2:
+        return Accuracy(mean, math.inf, (-math.inf, math.inf), n)
+    stderr = float(means.std(ddof=1)) / math.sqrt(n)
+    half = _t_quantile(0.975, n - 1) * stderr
+    return Accuracy(mean, stderr, (mean - half, mean + half), n)
+
+
 def decide(lower: float, upper: float, margin: float) -> VerdictName:
     """The three-way non-inferiority rule on one-sided bounds."""
     if lower > -margin:
@@ -149,10 +174,14 @@ def _check_level(name: str, value: float) -> None:
 
 def noninferiority(candidate: ArrayLike, baseline: ArrayLike, margin: float, alpha: float = 0.05) -> Verdict:
     """One-sided non-inferiority test of candidate vs baseline at level alpha with an absolute margin."""
+    return noninferiority_of(paired_difference(candidate, baseline), margin, alpha)
+
+
+def noninferiority_of(diff: PairedDiff, margin: float, alpha: float = 0.05) -> Verdict:
+    """The non-inferiority test on an already computed paired difference."""
     if not margin >= 0.0:
         raise ValueError(f"margin must be a non-negative fraction, got {margin}")
     _check_level("alpha", alpha)
-    diff = paired_difference(candidate, baseline)
     if diff.df == 0:
         return Verdict(diff.delta, diff.stderr, -math.inf, math.inf, 1.0, "inconclusive", margin, alpha, 1)
     half = _t_quantile(1.0 - alpha, diff.df) * diff.stderr
