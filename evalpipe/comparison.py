@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from evalpipe.records import SampleRecord
+from evalpipe.adaptive import AdaptiveDesign, unbiased_question_means
 from evalpipe.stats import (
     Accuracy,
     PairedDiff,
     Verdict,
     VerdictName,
-    accuracy,
+    accuracy_of_means,
     noninferiority_of,
-    paired_difference,
+    paired_difference_of_means,
+    question_means,
 )
 
 # A question counts as solved by a side when more than half of its samples are correct (majority vote).
@@ -100,10 +102,9 @@ class SideStats:
         }
 
 
-def _side_stats(side: SideOutcomes) -> SideStats:
-    counts = (~np.isnan(side.correct)).sum(axis=1)
-    samples = float(counts[counts > 0].mean()) if (counts > 0).any() else 0.0
-    return SideStats(accuracy(side.correct), side.rate(side.truncated), side.rate(side.errored), samples)
+def _side_stats(side: SideOutcomes, paired_means: np.ndarray, paired_counts: np.ndarray) -> SideStats:
+    samples = float(paired_counts.mean()) if paired_counts.size else 0.0
+    return SideStats(accuracy_of_means(paired_means), side.rate(side.truncated), side.rate(side.errored), samples)
 
 
 @dataclass(frozen=True)
@@ -169,39 +170,53 @@ def _flipped(question_ids: tuple[str, ...], cand_means: np.ndarray, base_means: 
     return tuple(question_ids[i] for i in lost), tuple(question_ids[i] for i in won)
 
 
-def _row_means(correct: np.ndarray) -> np.ndarray:
-    counts = (~np.isnan(correct)).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nansum(correct, axis=1) / counts
-
-
 def _no_data_verdict(margin: float, alpha: float) -> Verdict:
     return Verdict(math.nan, math.inf, -math.inf, math.inf, 1.0, "inconclusive", margin, alpha, 0)
 
 
 def compare_task(
-    task: str, candidate: SideOutcomes, baseline: SideOutcomes, margin: float, alpha: float = 0.05
+    task: str,
+    candidate: SideOutcomes,
+    baseline: SideOutcomes,
+    margin: float,
+    alpha: float = 0.05,
+    design: AdaptiveDesign | None = None,
 ) -> TaskComparison:
-    """Pair the two sides by question id and compute every comparison.json number for one task."""
+    """Pair the two sides by question id and compute every comparison.json number for one task.
+
+    With an adaptive design the per-question estimates are the unbiased ones and the test runs at the
+    per-look alpha (see evalpipe.adaptive). Side accuracies are over the paired questions, so their
+    difference is delta.
+    """
     base_ids = set(baseline.question_ids)
     shared = [qid for qid in candidate.question_ids if qid in base_ids]
     unpaired = {"candidate_only": len(candidate.question_ids) - len(shared), "baseline_only": len(base_ids) - len(shared)}
     cand, base = candidate.take(shared), baseline.take(shared)
-    cand_means, base_means = _row_means(cand.correct), _row_means(base.correct)
+    cand_plain, cand_counts = question_means(cand.correct, "candidate")
+    base_plain, base_counts = question_means(base.correct, "baseline")
+    if design is None:
+        cand_means, base_means, test_alpha = cand_plain, base_plain, alpha
+    else:
+        cand_means, base_means = unbiased_question_means(cand.correct, base.correct, design)
+        test_alpha = design.look_alpha(alpha)
     with_data = ~np.isnan(cand_means) & ~np.isnan(base_means)
     if with_data.any():
-        diff = paired_difference(cand.correct, base.correct)
-        test, ci95 = noninferiority_of(diff, margin, alpha), diff.ci95
+        diff = paired_difference_of_means(cand_means, base_means, cand_counts, base_counts)
+        test, ci95 = noninferiority_of(diff, margin, test_alpha), diff.ci95
     else:
-        test, ci95 = _no_data_verdict(margin, alpha), (-math.inf, math.inf)
+        test, ci95 = _no_data_verdict(margin, test_alpha), (-math.inf, math.inf)
     paired_ids = tuple(qid for qid, ok in zip(shared, with_data, strict=True) if ok)
-    baseline_only, candidate_only = _flipped(paired_ids, cand_means[with_data], base_means[with_data])
+    baseline_only, candidate_only = _flipped(paired_ids, cand_plain[with_data], base_plain[with_data])
     completed = with_data & ~cand.truncated.any(axis=1) & ~base.truncated.any(axis=1)
-    both = paired_difference(cand.correct[completed], base.correct[completed]) if completed.any() else None
+    both = None
+    if completed.any():
+        both = paired_difference_of_means(
+            cand_means[completed], base_means[completed], cand_counts[completed], base_counts[completed]
+        )
     return TaskComparison(
         task=task,
-        candidate=_side_stats(cand),
-        baseline=_side_stats(base),
+        candidate=_side_stats(cand, cand_means[with_data], cand_counts[with_data]),
+        baseline=_side_stats(base, base_means[with_data], base_counts[with_data]),
         test=test,
         ci95=ci95,
         flipped_baseline_only=baseline_only,
