@@ -28,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import ArrayLike
 
-from evalpipe.stats import PairedDiff, Verdict, noninferiority_of, paired_difference_of_means, question_means
+from evalpipe.stats import PairedDiff, Verdict, noninferiority_of, outcome_array, paired_difference_of_means
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,25 @@ def unbiased_question_means(
     first stage. Where the data do not follow the allocation rule (extended although unmixed) the plain means
     are used.
     """
-    cand = np.asarray(candidate, dtype=float)
-    base = np.asarray(baseline, dtype=float)
-    cand_means, _ = question_means(cand, "candidate")
-    base_means, _ = question_means(base, "baseline")
+    cand_means, base_means, _, _ = _estimates(candidate, baseline, design)
+    return cand_means, base_means
+
+
+def adaptive_paired_difference(candidate: ArrayLike, baseline: ArrayLike, design: AdaptiveDesign) -> PairedDiff:
+    """paired_difference for adaptively sampled outcomes (unbiased per-question estimates)."""
+    return paired_difference_of_means(*_estimates(candidate, baseline, design))
+
+
+def _estimates(candidate: ArrayLike, baseline: ArrayLike, design: AdaptiveDesign):
+    """(candidate estimates, baseline estimates, candidate samples, baseline samples) per question."""
+    cand = outcome_array(candidate, "candidate")
+    base = outcome_array(baseline, "baseline")
     first = design.min_samples
     c_counts = _counts(cand, first)
     b_counts = _counts(base, first if design.baseline_adaptive else base.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cand_means = c_counts[:, 3] / c_counts[:, 2]
+        base_means = b_counts[:, 3] / b_counts[:, 2]
     extended = c_counts[:, 2] > c_counts[:, 0]
     if design.baseline_adaptive:
         extended &= b_counts[:, 2] > b_counts[:, 0]
@@ -127,26 +139,19 @@ def unbiased_question_means(
         estimate = _rao_blackwell(tuple(c_counts[i].tolist()), tuple(b_counts[i].tolist()), design.baseline_adaptive)
         if estimate is not None:
             cand_means[i], base_means[i] = estimate
-    return cand_means, base_means
+    return cand_means, base_means, c_counts[:, 2], b_counts[:, 2]
 
 
 def _counts(outcomes: np.ndarray, first: int) -> np.ndarray:
     """(n, 4) ints per question: first-stage samples, first-stage successes, all samples, all successes."""
     present = ~np.isnan(outcomes)
+    filled = np.where(present, outcomes, 0.0)
     return np.stack([
         present[:, :first].sum(axis=1),
-        np.nansum(outcomes[:, :first], axis=1),
+        filled[:, :first].sum(axis=1),
         present.sum(axis=1),
-        np.nansum(outcomes, axis=1),
+        filled.sum(axis=1),
     ], axis=1).astype(int)
-
-
-def adaptive_paired_difference(candidate: ArrayLike, baseline: ArrayLike, design: AdaptiveDesign) -> PairedDiff:
-    """paired_difference for adaptively sampled outcomes (unbiased per-question estimates)."""
-    cand_means, base_means = unbiased_question_means(candidate, baseline, design)
-    _, cand_counts = question_means(candidate, "candidate")
-    _, base_counts = question_means(baseline, "baseline")
-    return paired_difference_of_means(cand_means, base_means, cand_counts, base_counts)
 
 
 @dataclass(frozen=True)
@@ -160,19 +165,86 @@ class Look:
     next_k: int | None  # None: stop (decided, nothing left to extend, or max_samples reached)
 
 
+def allocation(extend: np.ndarray, width: int, design: AdaptiveDesign, k: int) -> np.ndarray:
+    """(n, width) bool: the samples the procedure uses at look k (first stage for all, up to k if extended)."""
+    columns = np.arange(width)[None, :]
+    return (columns < design.min_samples) | (extend[:, None] & (columns < k))
+
+
+def _allocated(outcomes: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    return np.where(keep, outcomes, np.nan)
+
+
 def evaluate_look(
     candidate: ArrayLike, baseline: ArrayLike, design: AdaptiveDesign, k: int, margin: float, alpha: float
 ) -> Look:
-    """Decide at look k from the samples with index < k only, so a replay from a journal decides the same."""
+    """Decide at look k from the allocated samples only (index < min_samples, or < k on extended questions),
+    so a replay from a journal that holds more samples decides the same."""
     if k not in design.looks:
         raise ValueError(f"k={k} is not a look of {design.looks}")
-    cand = np.asarray(candidate, dtype=float)[:, :k]
+    cand = np.asarray(candidate, dtype=float)
     base = np.asarray(baseline, dtype=float)
+    extend = questions_to_extend(cand, base, design)
+    cand = _allocated(cand[:, :k], allocation(extend, k, design, k))
     if design.baseline_adaptive:
-        base = base[:, :k]
+        base = _allocated(base[:, :k], allocation(extend, k, design, k))
     diff = adaptive_paired_difference(cand, base, design)
     verdict = noninferiority_of(diff, margin, design.look_alpha(alpha))
-    extend = questions_to_extend(cand, base, design)
     later = [look for look in design.looks if look > k]
     stop = verdict.verdict != "inconclusive" or not later or not extend.any()
     return Look(k, diff, verdict, extend, None if stop else later[0])
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where an adaptive task stands given the samples issued so far (replayed from the start)."""
+
+    look: Look | None  # the last look whose samples are all in; None while the first stage is incomplete
+    wanted: np.ndarray  # (n, max_samples) bool: the samples the procedure needs now (issued or not)
+
+    @property
+    def finished(self) -> bool:
+        return self.look is not None and self.look.next_k is None
+
+
+def replay(
+    candidate: ArrayLike,
+    candidate_issued: np.ndarray,
+    baseline: ArrayLike,
+    baseline_issued: np.ndarray,
+    design: AdaptiveDesign,
+    margin: float,
+    alpha: float,
+) -> Progress:
+    """Replay the looks over the samples issued so far (a record exists, errors included).
+
+    Deterministic in the issued samples' outcomes, so an interrupted and resumed run, or a later `evalpipe gate`,
+    reaches the same looks as the uninterrupted run. A look is taken only when every sample it needs was
+    issued on each adaptively sampled side.
+    """
+    cand = np.asarray(candidate, dtype=float)
+    base = np.asarray(baseline, dtype=float)
+    n, width = cand.shape[0], design.max_samples
+
+    def issued(keep: np.ndarray) -> bool:
+        sides = [candidate_issued] + ([baseline_issued] if design.baseline_adaptive else [])
+        return all(bool(np.all(_pad(flags, width)[keep])) for flags in sides)
+
+    first = allocation(np.zeros(n, dtype=bool), width, design, design.min_samples)
+    if not issued(first):
+        return Progress(None, first)
+    k = design.min_samples
+    while True:
+        look = evaluate_look(cand, base, design, k, margin, alpha)
+        if look.next_k is None:
+            return Progress(look, allocation(look.extend, width, design, k))
+        wanted = allocation(look.extend, width, design, look.next_k)
+        if not issued(wanted):
+            return Progress(look, wanted)
+        k = look.next_k
+
+
+def _pad(flags: np.ndarray, width: int) -> np.ndarray:
+    """Issued flags widened (False) or cut to `width` columns."""
+    flags = np.asarray(flags, dtype=bool)[:, :width]
+    return np.pad(flags, ((0, 0), (0, width - flags.shape[1])))

@@ -53,7 +53,8 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
         except UserError as exc:
             raise UserError(f"{where}.task: {exc}") from None
         card = card.with_sampling(
-            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens, samples=entry.samples
+            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens,
+            samples=entry.planned_samples,
         )
         questions = select_questions(
             card, load_questions(card, data_dir), limit=entry.limit, subjects=entry.subjects, where=where
@@ -229,8 +230,9 @@ def new_run_id() -> str:
 def resolved_config(config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -> dict[str, Any]:
     """The config as run: defaults filled in, secrets removed, each task's protocol and card hash."""
     raw = config.model_dump(mode="json")
-    if raw["candidate"].get("api_key"):
-        raw["candidate"]["api_key"] = "***"
+    for side in ("candidate", "baseline"):
+        if (raw.get(side) or {}).get("api_key"):
+            raw[side]["api_key"] = "***"
     raw["resolved"] = {
         "run_id": run_id,
         "evalpipe_version": __version__,

@@ -46,7 +46,8 @@ VerdictName = Literal["pass", "fail", "inconclusive"]
 FLOOR_DISCORDANT_SAMPLES = 2
 
 
-def _as_outcomes(values: ArrayLike, name: str) -> np.ndarray:
+def outcome_array(values: ArrayLike, name: str = "outcomes") -> np.ndarray:
+    """Validate and shape outcomes as an (n_questions, k) float array; a 1-D input is one sample per question."""
     array = np.asarray(values, dtype=float)
     if array.ndim == 1:
         array = array[:, None]
@@ -106,7 +107,7 @@ def _t_quantile(probability: float, df: int) -> float:
 
 def question_means(outcomes: ArrayLike, name: str = "outcomes") -> tuple[np.ndarray, np.ndarray]:
     """Per-question mean over available samples (NaN where none) and the number of available samples."""
-    return _row_means_and_counts(_as_outcomes(outcomes, name))
+    return _row_means_and_counts(outcome_array(outcomes, name))
 
 
 def paired_difference(candidate: ArrayLike, baseline: ArrayLike) -> PairedDiff:
@@ -231,7 +232,7 @@ def variance_components(outcomes: ArrayLike) -> VarianceComponents:
     Var(p_hat_i) minus the mean sampling variance within_i / k_i, clipped at 0. With only one sample per
     question the split is not identifiable: everything is attributed to within (the conservative choice).
     """
-    array = _as_outcomes(outcomes, "outcomes")
+    array = outcome_array(outcomes, "outcomes")
     means, counts = _row_means_and_counts(array)
     present = counts > 0
     if not present.any():

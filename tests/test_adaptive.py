@@ -7,6 +7,7 @@ from evalpipe.adaptive import (
     AdaptiveDesign,
     evaluate_look,
     questions_to_extend,
+    replay,
     unbiased_question_means,
 )
 from evalpipe.comparison import SideOutcomes, compare_task
@@ -113,6 +114,48 @@ def _run_adaptive(full_c, full_b, design, margin):
         if design.baseline_adaptive:
             base[rows, k:upto] = full_b[rows, k:upto]
         k = upto
+
+
+def _run_by_replay(full_c, full_b, design, margin):
+    """The same procedure driven the way a (resumable) run drives it: replay, send what is wanted, repeat."""
+    width = design.max_samples
+    cand_issued = np.zeros(full_c.shape, bool)
+    base_issued = np.zeros(full_b.shape, bool) if design.baseline_adaptive else np.ones(full_b.shape, bool)
+    while True:
+        cand, base = np.where(cand_issued, full_c, np.nan), np.where(base_issued, full_b, np.nan)
+        progress = replay(cand, cand_issued, base, base_issued, design, margin, alpha=0.05)
+        if progress.finished:
+            return progress.look, int(cand_issued.sum())
+        assert progress.wanted.shape == (full_c.shape[0], width)
+        cand_issued |= progress.wanted
+        if design.baseline_adaptive:
+            base_issued |= progress.wanted
+
+
+@pytest.mark.parametrize("baseline_adaptive", [True, False])
+def test_replay_from_issued_samples_reaches_the_same_decision_and_ignores_extra_samples(baseline_adaptive):
+    rng = np.random.default_rng(5)
+    design = AdaptiveDesign(2, 16, baseline_adaptive=baseline_adaptive)
+    for drop in (0.0, 0.1, 0.3):
+        p = rng.beta(BETA_A, BETA_B, 40)
+        full_c = (rng.random((40, 16)) < (p * (1 - drop))[:, None]).astype(float)
+        full_b = (rng.random((40, 16)) < p[:, None]).astype(float)
+        direct, used = _run_adaptive(full_c, full_b, design, margin=0.1)
+        replayed, used_by_replay = _run_by_replay(full_c, full_b, design, margin=0.1)
+        assert (replayed.k, replayed.verdict) == (direct.k, direct.verdict) and used_by_replay == used
+        # a journal holding every sample (e.g. from an interrupted later stage) replays to the same look
+        everything = np.ones(full_c.shape, bool)
+        again = replay(full_c, everything, full_b, everything, design, 0.1, 0.05)
+        assert again.finished and (again.look.k, again.look.verdict) == (direct.k, direct.verdict)
+
+
+def test_replay_waits_for_the_first_stage():
+    design = AdaptiveDesign(4, 16)
+    cand = np.full((5, 16), np.nan)
+    issued = np.zeros((5, 16), bool)
+    progress = replay(cand, issued, cand, issued, design, 0.1, 0.05)
+    assert progress.look is None and not progress.finished
+    assert progress.wanted[:, :4].all() and not progress.wanted[:, 4:].any()
 
 
 def _simulate_adaptive(rng, n, margin, true_drop, design, sims=2000):
