@@ -8,13 +8,15 @@ sides enter the comparison, so a stored baseline with more questions or samples 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from evalpipe.adaptive import AdaptiveDesign, allocation, replay, unbiased_question_means
+from evalpipe.journal import latest_by_key
+from evalpipe.metrics import question_order
 from evalpipe.records import SampleRecord
-from evalpipe.adaptive import AdaptiveDesign, unbiased_question_means
 from evalpipe.stats import (
     Accuracy,
     PairedDiff,
@@ -30,6 +32,11 @@ from evalpipe.stats import (
 SOLVED_FRACTION = 0.5
 
 
+# One character per sample in stored baselines and in SideOutcomes.codes(); "." is a sample never issued.
+OUTCOME_CODES: dict[str, str] = {"correct": "c", "wrong": "w", "no_answer": "n", "truncated": "t", "error": "e"}
+MISSING = "."
+
+
 @dataclass(frozen=True)
 class SideOutcomes:
     """One side of one task. correct: 1.0 / 0.0 / NaN (error or never issued); flags are False where NaN."""
@@ -39,12 +46,50 @@ class SideOutcomes:
     truncated: np.ndarray  # (n, k) bool
     errored: np.ndarray  # (n, k) bool
 
+    @classmethod
+    def from_codes(cls, question_ids: Sequence[str], rows: Sequence[str]) -> SideOutcomes:
+        """From one code string per question (see OUTCOME_CODES); rows may differ in length."""
+        width = max((len(row) for row in rows), default=0)
+        grid = np.array([list(row.ljust(width, MISSING)) for row in rows], dtype="<U1").reshape(len(rows), width)
+        unknown = set(np.unique(grid)) - set(OUTCOME_CODES.values()) - {MISSING}
+        if unknown:
+            raise ValueError(f"unknown outcome codes {sorted(unknown)}")
+        correct = np.where(grid == "c", 1.0, np.where(np.isin(grid, ["w", "n", "t"]), 0.0, np.nan))
+        return cls(tuple(question_ids), correct, grid == "t", grid == "e")
+
     def take(self, question_ids: Iterable[str]) -> SideOutcomes:
         index = {qid: i for i, qid in enumerate(self.question_ids)}
         rows = [index[qid] for qid in question_ids]
         return SideOutcomes(
             tuple(self.question_ids[i] for i in rows), self.correct[rows], self.truncated[rows], self.errored[rows]
         )
+
+    def reindex(self, question_ids: Sequence[str], width: int) -> SideOutcomes:
+        """Rows for exactly these questions (never issued where absent) and exactly `width` sample columns."""
+        index = {qid: i for i, qid in enumerate(self.question_ids)}
+        n, k = len(question_ids), min(width, self.correct.shape[1])
+        correct = np.full((n, width), np.nan)
+        truncated = np.zeros((n, width), bool)
+        errored = np.zeros((n, width), bool)
+        for row, qid in enumerate(question_ids):
+            if qid in index:
+                source = index[qid]
+                correct[row, :k] = self.correct[source, :k]
+                truncated[row, :k] = self.truncated[source, :k]
+                errored[row, :k] = self.errored[source, :k]
+        return SideOutcomes(tuple(question_ids), correct, truncated, errored)
+
+    def widen(self, width: int) -> SideOutcomes:
+        """The same outcomes with at least `width` sample columns (extra columns never issued)."""
+        extra = max(0, width - self.correct.shape[1])
+        pad = ((0, 0), (0, extra))
+        return SideOutcomes(self.question_ids, np.pad(self.correct, pad, constant_values=np.nan),
+                            np.pad(self.truncated, pad), np.pad(self.errored, pad))
+
+    def restrict(self, keep: np.ndarray) -> SideOutcomes:
+        """Only the samples where `keep` (same shape) is True; the others become never issued."""
+        return SideOutcomes(self.question_ids, np.where(keep, self.correct, np.nan), self.truncated & keep,
+                            self.errored & keep)
 
     @property
     def issued(self) -> np.ndarray:
@@ -56,32 +101,27 @@ class SideOutcomes:
         return float(flags.sum()) / issued if issued else 0.0
 
 
-def side_outcomes(records: Iterable[SampleRecord]) -> dict[str, SideOutcomes]:
-    """Per task, the outcome arrays of a side's journal records; questions in sorted id order.
+def outcome_codes(records: Iterable[SampleRecord]) -> dict[str, tuple[list[str], list[str]]]:
+    """Per task, (question ids in the task's fixed order, one OUTCOME_CODES string per question); the latest
+    record of a key wins."""
+    by_task: dict[str, dict[tuple[str, int], str]] = {}
+    for record in latest_by_key(list(records)).values():
+        by_task.setdefault(record.task, {})[(record.question_id, record.sample_index)] = record.outcome
+    codes = {}
+    for task, outcomes in by_task.items():
+        question_ids = question_order(task, (qid for qid, _ in outcomes))
+        width = 1 + max(index for _, index in outcomes)
+        grid = {qid: [MISSING] * width for qid in question_ids}
+        for (qid, index), outcome in outcomes.items():
+            grid[qid][index] = OUTCOME_CODES[outcome]
+        codes[task] = (question_ids, ["".join(grid[qid]).rstrip(MISSING) for qid in question_ids])
+    return codes
 
-    A record whose outcome is "error" is missing for accuracy (NaN) and flagged as errored. A later record
-    for the same (question, sample) replaces an earlier one.
-    """
-    latest: dict[str, dict[tuple[str, int], SampleRecord]] = {}
-    for record in records:
-        latest.setdefault(record.task, {})[(record.question_id, record.sample_index)] = record
-    sides = {}
-    for task, by_key in latest.items():
-        question_ids = tuple(sorted({qid for qid, _ in by_key}))
-        row = {qid: i for i, qid in enumerate(question_ids)}
-        k = 1 + max(index for _, index in by_key)
-        correct = np.full((len(question_ids), k), np.nan)
-        truncated = np.zeros(correct.shape, dtype=bool)
-        errored = np.zeros(correct.shape, dtype=bool)
-        for (qid, index), record in by_key.items():
-            cell = (row[qid], index)
-            if record.outcome == "error":
-                errored[cell] = True
-                continue
-            correct[cell] = 1.0 if record.outcome == "correct" else 0.0
-            truncated[cell] = record.outcome == "truncated" or record.finish_reason == "length"
-        sides[task] = SideOutcomes(question_ids, correct, truncated, errored)
-    return sides
+
+def side_outcomes(records: Iterable[SampleRecord]) -> dict[str, SideOutcomes]:
+    """Per task, the outcome arrays of a side's journal records. An "error" record is missing for accuracy
+    (NaN) and flagged as errored."""
+    return {task: SideOutcomes.from_codes(ids, rows) for task, (ids, rows) in outcome_codes(records).items()}
 
 
 @dataclass(frozen=True)
@@ -262,3 +302,66 @@ def comparability_problems(
             if mine != theirs:
                 problems.append(f"{task}.{field}: candidate {mine!r}, baseline {theirs!r}")
     return problems
+
+
+class IncomparableError(ValueError):
+    """Two sides' results must not be compared; the message lists every differing setting."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task of one side (a finished run or a stored baseline), as the comparison needs it."""
+
+    card_hash: str
+    sampling: Mapping[str, object]  # the settings that must agree: temperature, top_p, max_tokens
+    outcomes: SideOutcomes
+    adaptive: tuple[int, int] | None = None  # (min_samples, max_samples) when sampled with samples: auto
+
+    def settings(self) -> dict[str, object]:
+        return {"card_hash": self.card_hash, **self.sampling}
+
+
+def _replayed(
+    cand: SideOutcomes, base: SideOutcomes, design: AdaptiveDesign, margin: float, alpha: float
+) -> tuple[SideOutcomes, SideOutcomes]:
+    """Both sides restricted to the samples the adaptive procedure used at its last complete look."""
+    shared = [qid for qid in cand.question_ids if qid in set(base.question_ids)]
+    cand = cand.take(shared).widen(design.max_samples)
+    base = base.take(shared)
+    if design.baseline_adaptive:
+        base = base.widen(cand.correct.shape[1])
+    progress = replay(cand.correct, cand.issued, base.correct, base.issued, design, margin, alpha)
+    if progress.look is None:
+        return cand, base
+    keep = allocation(progress.look.extend, cand.correct.shape[1], design, progress.look.k)
+    return cand.restrict(keep), base.restrict(keep) if design.baseline_adaptive else base
+
+
+def compare_sides(
+    candidate: Mapping[str, TaskResult],
+    baseline: Mapping[str, TaskResult],
+    margin_alpha: Callable[[str], tuple[float, float]],
+) -> dict[str, TaskComparison]:
+    """Compare every task both sides have; refuse (IncomparableError) when protocols or sampling differ.
+
+    An adaptively sampled candidate task is replayed to its last complete look, so a finished, resumed or
+    stored run gives the same comparison; the baseline counts as adaptive when it was sampled that way too.
+    """
+    problems = comparability_problems(
+        {task: result.settings() for task, result in candidate.items()},
+        {task: result.settings() for task, result in baseline.items()},
+    )
+    if problems:
+        raise IncomparableError("results are not comparable: " + "; ".join(problems))
+    comparisons = {}
+    for task, result in candidate.items():
+        if task not in baseline:
+            continue
+        margin, alpha = margin_alpha(task)
+        cand, base = result.outcomes, baseline[task].outcomes
+        design = None
+        if result.adaptive is not None:
+            design = AdaptiveDesign(*result.adaptive, baseline_adaptive=baseline[task].adaptive is not None)
+            cand, base = _replayed(cand, base, design, margin, alpha)
+        comparisons[task] = compare_task(task, cand, base, margin, alpha, design)
+    return comparisons

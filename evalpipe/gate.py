@@ -112,13 +112,14 @@ def describe(comparison: TaskComparison) -> str:
     """One line with the numbers a reviewer needs: delta, its 95% CI, the one-sided bound and the margin."""
     test = comparison.test
     if test.n_questions == 0:
-        return f"{comparison.task}: no question has outcomes on both sides"
+        return "no question has outcomes on both sides"
     lo, hi = comparison.ci95
     return (
-        f"{comparison.task}: candidate {100 * comparison.candidate.accuracy.mean:.1f}% vs baseline "
+        f"candidate {100 * comparison.candidate.accuracy.mean:.1f}% vs baseline "
         f"{100 * comparison.baseline.accuracy.mean:.1f}%, delta {points(test.delta)} "
-        f"(95% CI {points(lo)} to {points(hi)}; one-sided {100 * (1 - test.alpha):.0f}% lower bound "
-        f"{points(test.lower)}) vs margin {points(-test.margin)} over {test.n_questions} questions: {test.verdict}"
+        f"(95% CI {points(lo)} to {points(hi)}; one-sided {100 * (1 - test.alpha):.1f}% bounds "
+        f"{points(test.lower)} to {points(test.upper)}) vs margin {points(-test.margin)} over "
+        f"{test.n_questions} questions: {test.verdict}"
     )
 
 
@@ -137,7 +138,8 @@ def decide_task(comparison: TaskComparison, rule: TaskGate) -> TaskDecision:
         reasons += errored
     elif verdict == "fail":
         status = "fail"
-        reasons.append(f"regression: the upper bound {points(comparison.test.upper)} is below -margin")
+        reasons.append(f"regression: the upper bound {points(comparison.test.upper)} is below the margin "
+                       f"{points(-rule.margin)}")
     elif verdict == "inconclusive":
         status = rule.on_inconclusive
         reasons.append(f"inconclusive (counted as {rule.on_inconclusive}): add samples or widen the margin; "

@@ -25,6 +25,7 @@ from evalpipe.client import EndpointPool
 from evalpipe.config import RunConfig
 from evalpipe.errors import EndpointError, UserError
 from evalpipe.journal import read_journal
+from evalpipe.paired_run import run_with_baseline
 from evalpipe.plan import TaskPlan
 from evalpipe.progress import RunProgress
 from evalpipe.report import (
@@ -94,8 +95,9 @@ def run(
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume: no such run directory: {resume}")
     try:
+        evaluate = run_with_baseline if run_config.baseline is not None else run_candidate
         run_dir, exit_code = asyncio.run(
-            run_candidate(run_config, plans, str(config), resume, progress and sys.stderr.isatty())
+            evaluate(run_config, plans, str(config), resume, progress and sys.stderr.isatty())
         )
     except KeyboardInterrupt:
         typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)

@@ -9,9 +9,11 @@ from evalpipe.comparison import (
     comparability_problems,
     compare_task,
     comparison_document,
+    outcome_codes,
     overall_verdict,
     side_outcomes,
 )
+from evalpipe.metrics import question_order
 from evalpipe.records import SampleRecord
 
 
@@ -41,13 +43,31 @@ def test_side_outcomes_builds_arrays_from_journal_records():
     ]
     sides = side_outcomes(records)
     aime = sides["aime24"]
-    assert aime.question_ids == ("q1", "q2", "q3")
+    assert list(aime.question_ids) == question_order("aime24", ["q1", "q2", "q3"])  # the plan's fixed order
+    aime = aime.take(["q1", "q2", "q3"])
     np.testing.assert_array_equal(aime.correct, [[0, 0], [1, 1], [np.nan, np.nan]])
     np.testing.assert_array_equal(aime.truncated, [[False, True], [False, False], [False, False]])
     np.testing.assert_array_equal(aime.errored[2], [True, False])
     assert aime.rate(aime.errored) == pytest.approx(1 / 5)
     assert aime.rate(aime.truncated) == pytest.approx(1 / 5)
     assert sides["mmlu"].correct.tolist() == [[0.0]]
+    codes = outcome_codes(records)
+    assert dict(zip(*codes["aime24"], strict=True)) == {"q1": "wt", "q2": "cc", "q3": "e"}
+    assert codes["mmlu"] == (["m1"], ["n"])
+
+
+def test_outcomes_from_codes_widen_and_restrict():
+    side = SideOutcomes.from_codes(["a", "b"], ["ctw", "e.n"])
+    np.testing.assert_array_equal(side.correct, [[1, 0, 0], [np.nan, np.nan, 0]])
+    np.testing.assert_array_equal(side.issued, [[True, True, True], [True, False, True]])
+    wide = side.widen(5)
+    assert wide.correct.shape == (2, 5) and np.isnan(wide.correct[:, 3:]).all()
+    keep = np.zeros((2, 5), bool)
+    keep[:, 0] = True
+    narrow = wide.restrict(keep)
+    assert narrow.rate(narrow.errored) == 0.5 and narrow.rate(narrow.truncated) == 0.0
+    with pytest.raises(ValueError, match="unknown outcome codes"):
+        SideOutcomes.from_codes(["a"], ["cx"])
 
 
 def test_compare_task_pairs_by_question_id_and_reports_flips_and_both_completed():
