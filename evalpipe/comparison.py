@@ -15,17 +15,15 @@ import numpy as np
 
 from evalpipe.adaptive import AdaptiveDesign, allocation, replay, unbiased_question_means
 from evalpipe.journal import latest_by_key
-from evalpipe.metrics import question_order
+from evalpipe.metrics import mean_stderr_ci, question_order
 from evalpipe.records import SampleRecord
 from evalpipe.stats import (
-    Accuracy,
     PairedDiff,
     Verdict,
     VerdictName,
-    accuracy_of_means,
     noninferiority_of,
     paired_difference_of_means,
-    question_means,
+    per_question,
 )
 
 # A question counts as solved by a side when more than half of its samples are correct (majority vote).
@@ -126,25 +124,31 @@ def side_outcomes(records: Iterable[SampleRecord]) -> dict[str, SideOutcomes]:
 
 @dataclass(frozen=True)
 class SideStats:
-    accuracy: Accuracy
+    """One side on the paired questions: accuracy and its standard error clustered by question."""
+
+    accuracy: float | None
+    stderr: float | None
+    n_questions: int
     truncation_rate: float
     error_rate: float
     samples: float  # mean samples per question with data
 
     def to_dict(self) -> dict:
         return {
-            "accuracy": _number(self.accuracy.mean),
-            "stderr": _number(self.accuracy.stderr),
+            "accuracy": self.accuracy,
+            "stderr": self.stderr,
             "truncation_rate": self.truncation_rate,
             "error_rate": self.error_rate,
-            "n_questions": self.accuracy.n_questions,
+            "n_questions": self.n_questions,
             "samples": self.samples,
         }
 
 
 def _side_stats(side: SideOutcomes, paired_means: np.ndarray, paired_counts: np.ndarray) -> SideStats:
     samples = float(paired_counts.mean()) if paired_counts.size else 0.0
-    return SideStats(accuracy_of_means(paired_means), side.rate(side.truncated), side.rate(side.errored), samples)
+    accuracy, stderr, _ = mean_stderr_ci(paired_means)
+    return SideStats(accuracy, stderr, int(paired_means.size), side.rate(side.truncated), side.rate(side.errored),
+                     samples)
 
 
 @dataclass(frozen=True)
@@ -232,8 +236,8 @@ def compare_task(
     shared = [qid for qid in candidate.question_ids if qid in base_ids]
     unpaired = {"candidate_only": len(candidate.question_ids) - len(shared), "baseline_only": len(base_ids) - len(shared)}
     cand, base = candidate.take(shared), baseline.take(shared)
-    cand_plain, cand_counts = question_means(cand.correct, "candidate")
-    base_plain, base_counts = question_means(base.correct, "baseline")
+    cand_plain, cand_counts = per_question(cand.correct, "candidate")
+    base_plain, base_counts = per_question(base.correct, "baseline")
     if design is None:
         cand_means, base_means, test_alpha = cand_plain, base_plain, alpha
     else:

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from pydantic_core import PydanticCustomError
+
 from evalpipe.cards import format_validation_error
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig
@@ -115,9 +117,13 @@ class TaskEntry(_Strict):
     @field_validator("samples", mode="before")
     @classmethod
     def _count_or_auto(cls, value: Any) -> Any:
-        if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        count = isinstance(value, int) and not isinstance(value, bool)
+        if count and value < 1:
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1")
+        if value is None or value == "auto" or count:
             return value
-        raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+        raise PydanticCustomError("samples", "Input should be a positive integer or 'auto', got {value}",
+                                  {"value": repr(value)})
 
     @model_validator(mode="before")
     @classmethod

@@ -115,8 +115,8 @@ def describe(comparison: TaskComparison) -> str:
         return "no question has outcomes on both sides"
     lo, hi = comparison.ci95
     return (
-        f"candidate {100 * comparison.candidate.accuracy.mean:.1f}% vs baseline "
-        f"{100 * comparison.baseline.accuracy.mean:.1f}%, delta {points(test.delta)} "
+        f"candidate {100 * comparison.candidate.accuracy:.1f}% vs baseline "
+        f"{100 * comparison.baseline.accuracy:.1f}%, delta {points(test.delta)} "
         f"(95% CI {points(lo)} to {points(hi)}; one-sided {100 * (1 - test.alpha):.1f}% bounds "
         f"{points(test.lower)} to {points(test.upper)}) vs margin {points(-test.margin)} over "
         f"{test.n_questions} questions: {test.verdict}"

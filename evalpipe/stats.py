@@ -105,7 +105,7 @@ def _t_quantile(probability: float, df: int) -> float:
     return float(special.stdtrit(df, probability))
 
 
-def question_means(outcomes: ArrayLike, name: str = "outcomes") -> tuple[np.ndarray, np.ndarray]:
+def per_question(outcomes: ArrayLike, name: str = "outcomes") -> tuple[np.ndarray, np.ndarray]:
     """Per-question mean over available samples (NaN where none) and the number of available samples."""
     return _row_means_and_counts(outcome_array(outcomes, name))
 
@@ -116,8 +116,8 @@ def paired_difference(candidate: ArrayLike, baseline: ArrayLike) -> PairedDiff:
     With a single paired question the standard error is infinite (nothing can be estimated); with none,
     ValueError.
     """
-    cand_means, cand_counts = question_means(candidate, "candidate")
-    base_means, base_counts = question_means(baseline, "baseline")
+    cand_means, cand_counts = per_question(candidate, "candidate")
+    base_means, base_counts = per_question(baseline, "baseline")
     return paired_difference_of_means(cand_means, base_means, cand_counts, base_counts)
 
 
@@ -143,35 +143,6 @@ def paired_difference_of_means(
     stderr = math.sqrt(max(sum_sq, floor) / (n - 1) / n)
     half = _t_quantile(0.975, n - 1) * stderr
     return PairedDiff(delta, stderr, (delta - half, delta + half), n, n - 1, cand_acc, base_acc, floored)
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """One side's accuracy: mean over questions of per-question means, standard error clustered by question."""
-
-    mean: float
-    stderr: float
-    ci95: tuple[float, float]
-    n_questions: int
-
-
-def accuracy(outcomes: ArrayLike) -> Accuracy:
-    """Accuracy of an (n_questions, k) outcome matrix; questions without any sample are left out."""
-    return accuracy_of_means(question_means(outcomes)[0])
-
-
-def accuracy_of_means(means: np.ndarray) -> Accuracy:
-    """Accuracy from per-question estimates (NaN: no data)."""
-    means = means[~np.isnan(means)]
-    n = int(means.size)
-    if n == 0:
-        return Accuracy(math.nan, math.inf, (-math.inf, math.inf), 0)
-    mean = float(means.mean())
-    if n < 2:
-        return Accuracy(mean, math.inf, (-math.inf, math.inf), n)
-    stderr = float(means.std(ddof=1)) / math.sqrt(n)
-    half = _t_quantile(0.975, n - 1) * stderr
-    return Accuracy(mean, stderr, (mean - half, mean + half), n)
 
 
 def decide(lower: float, upper: float, margin: float) -> VerdictName:

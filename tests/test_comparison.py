@@ -90,7 +90,7 @@ def test_compare_task_pairs_by_question_id_and_reports_flips_and_both_completed(
     assert result.both_completed.n_questions == 4  # b truncated on the candidate side
     assert result.both_completed.delta == pytest.approx(np.mean([0.75, 0.0, 0.5, 0.5]))
     assert result.candidate.truncation_rate == pytest.approx(0.1)
-    assert result.baseline.accuracy.mean == pytest.approx(np.mean([0.25, 0.75, 1.0, 0.0, 0.0]))
+    assert result.baseline.accuracy == pytest.approx(np.mean([0.25, 0.75, 1.0, 0.0, 0.0]))
 
     doc = result.to_dict()
     assert doc["ci95"][0] < doc["delta"] < doc["ci95"][1]

@@ -6,7 +6,6 @@ from scipy import stats as sps
 
 from evalpipe.stats import (
     WORST_CASE,
-    accuracy,
     VarianceComponents,
     minimum_detectable_effect,
     noninferiority,
@@ -224,12 +223,3 @@ def test_monte_carlo_with_a_stored_baseline_of_different_k():
     no_difference = _simulate(rng, n, k, k_base, margin, true_drop=0.0)
     assert no_difference["pass"] >= 0.80 - 3 * math.sqrt(0.8 * 0.2 / SIMS)
 
-
-def test_accuracy_is_the_mean_of_question_means_with_a_clustered_stderr():
-    outcomes = np.array([[1, 1, 0, np.nan], [0, 0, 0, 0], [1, 1, 1, 1], [np.nan] * 4])
-    result = accuracy(outcomes)
-    means = np.array([2 / 3, 0.0, 1.0])
-    assert result.n_questions == 3 and result.mean == pytest.approx(means.mean())
-    assert result.stderr == pytest.approx(means.std(ddof=1) / math.sqrt(3))
-    assert result.ci95[0] < result.mean < result.ci95[1]
-    assert math.isnan(accuracy(np.full((2, 2), np.nan)).mean)
