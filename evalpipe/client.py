@@ -9,10 +9,11 @@ set aside for `replica_cooldown` seconds (doubling while it keeps failing) and t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -94,22 +95,32 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
         return None
 
 
-def _reasoning_of(obj: Any) -> str | None:
+def _reasoning_of(message: dict[str, Any]) -> str | None:
     """`reasoning_content` (DeepSeek, vLLM, SGLang) or `reasoning` (newer vLLM, OpenRouter)."""
     for name in ("reasoning_content", "reasoning"):
-        value = getattr(obj, name, None)
+        value = message.get(name)
         if isinstance(value, str):
             return value
     return None
 
 
-def _usage_into(completion: Completion, usage: Any) -> None:
-    if usage is None:
-        return
-    completion.prompt_tokens = usage.prompt_tokens
-    completion.completion_tokens = usage.completion_tokens
-    details = getattr(usage, "completion_tokens_details", None)
-    completion.reasoning_tokens = getattr(details, "reasoning_tokens", None) if details else None
+def _usage_into(completion: Completion, usage: dict[str, Any]) -> None:
+    completion.prompt_tokens = usage.get("prompt_tokens")
+    completion.completion_tokens = usage.get("completion_tokens")
+    details = usage.get("completion_tokens_details") or {}
+    completion.reasoning_tokens = details.get("reasoning_tokens")
+
+
+def _from_message(body: dict[str, Any]) -> Completion:
+    """A non-streamed chat completion body."""
+    choices = body.get("choices") or []
+    if not choices:
+        raise _Retryable("response has no choices")
+    message = choices[0].get("message") or {}
+    completion = Completion(content=message.get("content"), reasoning=_reasoning_of(message),
+                            finish_reason=choices[0].get("finish_reason"))
+    _usage_into(completion, body.get("usage") or {})
+    return completion
 
 
 class EndpointPool:
@@ -194,19 +205,20 @@ class EndpointPool:
                                       temperature=p.temperature, top_p=p.top_p)
         if p.seed is not None:
             kwargs["seed"] = p.seed
+        completions = replica.client.chat.completions
+        # Responses are read raw and parsed with json: building SDK objects for every streamed token costs
+        # more CPU than the rest of the pipeline (see bench/orchestrator_overhead.py).
         try:
-            # One timer: re-armed at every token to min(now + stall, deadline).
-            async with asyncio.timeout_at(min(loop.time() + s.stall_timeout, deadline) if s.stream else deadline) as timer:
-                if not s.stream:
-                    response = await replica.client.chat.completions.create(**kwargs)
-                    return self._from_response(response)
-                stream = await replica.client.chat.completions.create(
+            if not s.stream:
+                async with asyncio.timeout_at(deadline):
+                    raw = await completions.with_raw_response.create(**kwargs)
+                    return _from_message(raw.http_response.json())
+            # One timer for the stream: re-armed at every line to min(now + stall_timeout, deadline).
+            async with asyncio.timeout_at(min(loop.time() + s.stall_timeout, deadline)) as timer:
+                async with completions.with_streaming_response.create(
                     **kwargs, stream=True, stream_options={"include_usage": True}
-                )
-                try:
-                    return await self._read_stream(stream, timer, deadline)
-                finally:
-                    await stream.close()
+                ) as response:
+                    return await self._read_stream(response, timer, deadline)
         except TimeoutError:
             if loop.time() >= deadline - 1e-3:
                 raise _Fatal(f"total timeout: no complete answer within {s.total_timeout:g} s") from None
@@ -219,51 +231,44 @@ class EndpointPool:
             raise _Fatal(_status_message(exc), exc.status_code) from None
         except openai.APIConnectionError as exc:
             raise _Retryable(f"connection error: {exc.__cause__ or exc}") from None
-        except openai.APIError as exc:  # an error event inside the stream
-            raise _Retryable(f"stream error: {exc.message}") from None
-        except (OSError, EOFError) as exc:
-            raise _Retryable(f"connection error: {exc}") from None
+        except (OSError, EOFError, ValueError) as exc:  # ValueError: a body that is not JSON
+            raise _Retryable(f"bad or broken response: {type(exc).__name__}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - transport errors of the HTTP library (broken chunked stream...)
-            if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11", "anyio"):
+            if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "h11", "anyio"):
                 raise _Retryable(f"connection error: {type(exc).__name__}: {exc}") from None
             raise
 
-    async def _read_stream(self, stream: Any, timer: asyncio.Timeout, deadline: float) -> Completion:
+    async def _read_stream(self, response: Any, timer: asyncio.Timeout, deadline: float) -> Completion:
         loop = asyncio.get_running_loop()
         stall = self.settings.stall_timeout
         completion = Completion()
         content: list[str] = []
         reasoning: list[str] = []
-        async for chunk in stream:
+        async for line in response.iter_lines():
             timer.reschedule(min(loop.time() + stall, deadline))
-            if chunk.usage is not None:
-                _usage_into(completion, chunk.usage)
-            if not chunk.choices:
+            if not line.startswith("data:"):
                 continue
-            choice = chunk.choices[0]
-            delta = choice.delta
-            if delta is not None:
-                if delta.content:
-                    content.append(delta.content)
+            data = line[5:].strip()
+            if data == "[DONE]":  # keep reading to the end of the body so the connection can be reused
+                continue
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                raise _Retryable(f"error event in the stream: {chunk['error']}")
+            if chunk.get("usage"):
+                _usage_into(completion, chunk["usage"])
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    content.append(delta["content"])
                 piece = _reasoning_of(delta)
                 if piece:
                     reasoning.append(piece)
-            if choice.finish_reason:
-                completion.finish_reason = choice.finish_reason
+                if choice.get("finish_reason"):
+                    completion.finish_reason = choice["finish_reason"]
         if completion.finish_reason is None:
             raise _Retryable("stream ended without a finish_reason")
         completion.content = "".join(content)
         completion.reasoning = "".join(reasoning) if reasoning else None
-        return completion
-
-    @staticmethod
-    def _from_response(response: Any) -> Completion:
-        if not response.choices:
-            raise _Retryable("response has no choices")
-        choice = response.choices[0]
-        completion = Completion(content=choice.message.content, reasoning=_reasoning_of(choice.message),
-                                finish_reason=choice.finish_reason)
-        _usage_into(completion, response.usage)
         return completion
 
     async def list_models(self, replica: Replica) -> list[dict[str, Any]]:

@@ -12,20 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
-from evalpipe.cards import format_validation_error
-from evalpipe.compare_report import comparison_table, gate_lines
 from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, comparison_document
 from evalpipe.config import RegistrySide
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
 from evalpipe.junit import junit_xml
 from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
-from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
+from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
 from evalpipe.planning import plan_rows, planning_baseline
 from evalpipe.runner import plan_from_config
+from evalpipe.validation import validated
 from evalpipe.stored import (
     DEFAULT_REGISTRY_DIR,
     REGISTRY_FILE,
@@ -55,10 +53,7 @@ def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
         if value is not None:  # a command-line value wins over per-task values of the config too
             for override in raw.get("tasks", {}).values():
                 override.pop(key, None)
-    try:
-        return GateConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"gate settings: {format_validation_error(exc)}") from None
+    return validated(GateConfig, raw, "gate settings")
 
 
 def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig) -> dict[str, TaskComparison]:
@@ -97,7 +92,7 @@ def compare(
     document = _document(_compare(candidate, baseline, _gate_settings(run_a, margin, alpha)), candidate, baseline)
     if json_out is not None:
         json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    stdout.print(comparison_table(document))
+    print_comparison(document)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,9 +123,7 @@ def gate(
     result = apply_gate(comparisons, settings)
     document = _document(comparisons, candidate, reference)
     document["gate"] = result.to_dict()
-    stdout.print(comparison_table(document))
-    for line in gate_lines(document):
-        stdout.print(line, highlight=False, soft_wrap=True)
+    print_comparison(document)
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(result), encoding="utf-8")

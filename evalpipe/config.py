@@ -11,23 +11,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from evalpipe.cards import format_validation_error
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig
+from evalpipe.validation import read_yaml, validated
 
 
 class _Strict(BaseModel):
@@ -222,28 +211,20 @@ def expand_env(value: Any, path: str = "") -> Any:
         if name in os.environ:
             return os.environ[name]
         if default is None:
-            raise UserError(f"{path}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+            raise UserError(
+                f"{path}: environment variable {name} is not set (write ${{{name}:-default}} for a default)"
+            )
         return default
 
     return _ENV_REF.sub(substitute, value)
 
 
 def parse_config(raw: Any, source: str) -> RunConfig:
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = expand_env(raw)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc)}") from None
+    return validated(RunConfig, expand_env(raw) if isinstance(raw, dict) else raw, source)
 
 
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    return parse_config(raw, str(path))
+    return parse_config(read_yaml(path), str(path))

@@ -1,28 +1,25 @@
-"""`evalpipe run` with a `baseline:`: both sides on the same plan, then comparison.json, report.md and the gate.
+"""The baseline half of `evalpipe run`: a stored baseline's checks, adaptive stages, comparison.json and the gate.
 
-The baseline is a live endpoint (evaluated like the candidate, on identical questions, samples and seeds, into
-<run_dir>/baseline/) or a registry entry (only the candidate is evaluated). Sides are evaluated one after the
-other, each with the configured concurrency, so neither side's server load depends on the other's.
+`runner.execute_run` evaluates the candidate and a live baseline endpoint on the same plan (identical questions,
+samples and seeds). This module adds what a baseline brings:
 
-Adaptive tasks (`samples: auto`) run in stages: the run replays the looks over what the journals hold, sends
-the samples the procedure wants next, and repeats until nothing more is wanted. Because the wanted samples are
-a function of the journaled outcomes only, a resumed run continues exactly where the interrupted one was.
+* `prepare_baseline`: a `registry:` baseline is loaded and checked against the plan before anything is sent.
+* `adaptive_stages`: for `samples: auto` tasks the run goes in stages; before each, the looks are replayed over
+  what the journals hold and the plan is cut to the samples the procedure wants next. The wanted samples are a
+  function of the journaled outcomes only, so a resumed run continues exactly where the interrupted one was.
+* `compare_run`: comparison.json, the comparison section of report.md and the gate's exit code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
-from rich.console import Console
+from typing import Any
 
 from evalpipe.adaptive import AdaptiveDesign, replay
-from evalpipe.client import EndpointPool
-from evalpipe.compare_report import comparison_markdown, comparison_table, gate_lines
+from evalpipe.compare_report import comparison_markdown
 from evalpipe.comparison import (
     SideOutcomes,
     TaskResult,
@@ -31,30 +28,16 @@ from evalpipe.comparison import (
     comparison_document,
     side_outcomes,
 )
-from evalpipe.config import RegistrySide, RunConfig, ServedSide
-from evalpipe.errors import EndpointError, UserError
+from evalpipe.config import RegistrySide, RunConfig
+from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
 from evalpipe.journal import read_journal
 from evalpipe.plan import TaskPlan
-from evalpipe.progress import RunProgress
-from evalpipe.records import SampleRecord
-from evalpipe.report import report_markdown, results_table, summarize_side, truncation_warnings, write_json
-from evalpipe.runner import (
-    CANDIDATE,
-    answered_keys,
-    check_endpoint,
-    create_run_dir,
-    evaluate_side,
-    load_resumable,
-    preflight_side,
-)
-from evalpipe.stored import COMPARED_SAMPLING, StoredSide, load_registry, read_resolved_config
+from evalpipe.report import write_json
+from evalpipe.runner import BASELINE, CANDIDATE, RunResult, Stages, saved_run_id, sides_of
+from evalpipe.stored import COMPARED_SAMPLING, StoredSide, load_registry
 
 log = logging.getLogger(__name__)
-
-BASELINE = "baseline"
-Key = tuple[str, str, int]
-stdout = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def plan_result(plan: TaskPlan, outcomes: SideOutcomes, adaptive: tuple[int, int] | None) -> TaskResult:
@@ -62,8 +45,12 @@ def plan_result(plan: TaskPlan, outcomes: SideOutcomes, adaptive: tuple[int, int
     return TaskResult(plan.card_hash, {name: sampling[name] for name in COMPARED_SAMPLING}, outcomes, adaptive)
 
 
-def check_registry(stored: StoredSide, plans: Sequence[TaskPlan]) -> None:
-    """Refuse a stored baseline that lacks a task, was run under another protocol, or shares no question."""
+def prepare_baseline(config: RunConfig, plans: Sequence[TaskPlan]) -> StoredSide | None:
+    """The stored baseline of a `registry:` config, refused when it lacks a task, was run under another protocol
+    or sampling settings (each differing field listed), or shares no question with the plan."""
+    if not isinstance(config.baseline, RegistrySide):
+        return None
+    stored = load_registry(config.baseline.registry, config.baseline.registry_dir)
     missing = [p.name for p in plans if p.name not in stored.tasks]
     if missing:
         raise UserError(f"baseline {stored.source} has no results for {missing} (it has {sorted(stored.tasks)})")
@@ -81,24 +68,29 @@ def check_registry(stored: StoredSide, plans: Sequence[TaskPlan]) -> None:
         if absent:
             log.warning("%s: %d of %d questions are not in %s and will not be compared", plan.name, len(absent),
                         len(plan.question_ids), stored.source)
+    return stored
 
 
-def _adaptive_designs(config: RunConfig, live_baseline: bool) -> dict[str, AdaptiveDesign]:
+def _designs(config: RunConfig) -> dict[str, AdaptiveDesign]:
+    live_baseline = not isinstance(config.baseline, RegistrySide)
     return {e.task: AdaptiveDesign(e.min_samples, e.max_samples, baseline_adaptive=live_baseline)
             for e in config.tasks if e.adaptive}
 
 
-def _gate_config(config: RunConfig) -> GateConfig:
+def _gate(config: RunConfig) -> GateConfig:
     return config.gate or GateConfig()
 
 
+_NO_OUTCOMES = SideOutcomes.from_codes([], [])
+
+
 def wanted_plans(
-    config: RunConfig, plans: Sequence[TaskPlan], records: dict[str, list[SampleRecord]], stored: StoredSide | None
+    config: RunConfig, plans: Sequence[TaskPlan], outcomes: dict[str, dict[str, SideOutcomes]],
+    stored: StoredSide | None,
 ) -> list[TaskPlan]:
-    """The plans cut to the samples wanted now: everything of fixed tasks, the adaptive procedure's choice else."""
-    designs = _adaptive_designs(config, live_baseline=stored is None)
-    outcomes = {side: side_outcomes(side_records) for side, side_records in records.items()}
-    gate = _gate_config(config)
+    """The plans cut to the samples wanted now: every request of a fixed task, the adaptive procedure's choice
+    for a `samples: auto` task. `outcomes` maps each evaluated side to its outcomes so far."""
+    designs, gate = _designs(config), _gate(config)
     stage = []
     for plan in plans:
         design = designs.get(plan.name)
@@ -106,10 +98,9 @@ def wanted_plans(
             stage.append(plan)
             continue
         ids, width = plan.question_ids, plan.samples
-        empty = SideOutcomes((), np.empty((0, 0)), np.empty((0, 0), bool), np.empty((0, 0), bool))
-        cand = outcomes[CANDIDATE].get(plan.name, empty).reindex(ids, width)
+        cand = outcomes[CANDIDATE].get(plan.name, _NO_OUTCOMES).reindex(ids, width)
         if stored is None:
-            base = outcomes[BASELINE].get(plan.name, empty).reindex(ids, width)
+            base = outcomes[BASELINE].get(plan.name, _NO_OUTCOMES).reindex(ids, width)
         else:
             source = stored.tasks[plan.name].outcomes
             base = source.reindex(ids, source.correct.shape[1])
@@ -121,108 +112,62 @@ def wanted_plans(
     return stage
 
 
-async def run_with_baseline(
-    config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool
-) -> tuple[Path, int]:
-    stored = None
-    if isinstance(config.baseline, RegistrySide):
-        stored = load_registry(config.baseline.registry, config.baseline.registry_dir)
-        check_registry(stored, plans)
-    live: dict[str, ServedSide] = {CANDIDATE: config.candidate}
-    if stored is None:
-        live[BASELINE] = config.baseline
-    pools = {side: EndpointPool(spec.base_url, spec.api_key, config.client) for side, spec in live.items()}
-    try:
-        previous = {side: load_resumable(resume, config, plans, side) if resume else [] for side in live}
-        issued: dict[str, set[Key]] = {side: answered_keys(previous[side]) for side in live}
-        first_stage = wanted_plans(config, plans, {side: [] for side in live}, stored)
-        pilots: dict[str, list[SampleRecord]] = {}
-        for side, spec in live.items():
-            if resume:
-                await check_endpoint(pools[side], side, spec, plans)
-                pilots[side] = []
-            else:
-                pilots[side] = await preflight_side(pools[side], side, spec, first_stage, config, issued[side])
-        run_dir = resume or create_run_dir(config, plans)
-        journals = {side: run_dir / side / "journal.jsonl" for side in live}
-        log.info("run dir: %s", run_dir)
+def adaptive_stages(config: RunConfig, plans: Sequence[TaskPlan], stored: StoredSide | None) -> Stages | None:
+    """The stages of a config with `samples: auto` tasks (None when it has none): stop when a stage would send
+    nothing new."""
+    if not _designs(config):
+        return None
+
+    def stages(run_dir: Path) -> Iterator[list[TaskPlan]]:
+        previous: set[tuple[str, str, int]] | None = None
         while True:
-            records = {side: read_journal(journals[side]) + pilots[side] for side in live}
-            stage = wanted_plans(config, plans, records, stored)
-            pending = {side: sum(r.key not in issued[side] for p in stage for r in p.requests) for side in live}
-            if not any(pending.values()) and not any(pilots.values()):
-                break
-            for side, spec in live.items():
-                with RunProgress(stage, side, enabled=show_progress) as bar:
-                    for plan in stage:
-                        bar.already_done(plan.name, sum(r.key in issued[side] for r in plan.requests))
-                    await evaluate_side(pools[side], spec, stage, config, journals[side], issued[side],
-                                        pilots[side], bar.advance)
-                issued[side] |= {r.key for p in stage for r in p.requests} | {r.key for r in pilots[side]}
-                pilots[side] = []
-        replicas = {side: {r.url: r.sent for r in pool.replicas} for side, pool in pools.items()}
-    finally:
-        for pool in pools.values():
-            await pool.aclose()
-    return run_dir, write_paired_results(config, plans, config_path, run_dir, stored, replicas)
+            outcomes = {side: side_outcomes(read_journal(run_dir / side / "journal.jsonl"))
+                        for side, _ in sides_of(config)}
+            stage = wanted_plans(config, plans, outcomes, stored)
+            keys = {r.key for p in stage for r in p.requests}
+            if keys == previous:
+                return
+            previous = keys
+            yield stage
+
+    return stages
 
 
-def write_paired_results(
-    config: RunConfig, plans: Sequence[TaskPlan], config_path: str, run_dir: Path, stored: StoredSide | None,
-    replicas: dict[str, dict[str, int]],
-) -> int:
-    """Summaries per side, comparison.json and report.md; returns the exit code (the gate's, if configured)."""
-    run_id = read_resolved_config(run_dir)["resolved"]["run_id"]
-    live: dict[str, ServedSide] = {CANDIDATE: config.candidate}
-    if stored is None:
-        live[BASELINE] = config.baseline
-    designs = _adaptive_designs(config, live_baseline=stored is None)
-    sides, results, all_failed = {}, {}, False
-    for side, spec in live.items():
-        records = read_journal(run_dir / side / "journal.jsonl")
-        endpoint = {"model": spec.model, "endpoint": ", ".join(spec.base_url), "concurrency": config.concurrency,
-                    "requests sent per replica (this invocation)": replicas.get(side, {})}
-        summary, details = summarize_side(records, plans, run_id=run_id, config_name=config.name, label=spec.label,
-                                          extra_details={"endpoint": endpoint})
-        write_json(run_dir / side / "summary.json", summary)
-        write_json(run_dir / side / "details.json", details)
-        sides[side] = (summary, details)
-        outcomes = side_outcomes(records)
+def compare_run(
+    config: RunConfig, plans: Sequence[TaskPlan], result: RunResult, stored: StoredSide | None
+) -> tuple[dict[str, Any], int]:
+    """Write comparison.json and the comparison section of report.md; return the document and the exit code
+    (the gate's when one is configured, else 0)."""
+    run_dir = result.run_dir
+    designs = _designs(config)
+    results: dict[str, dict[str, TaskResult]] = {}
+    for side, _ in sides_of(config):
+        outcomes = side_outcomes(read_journal(run_dir / side / "journal.jsonl"))
         results[side] = {
             p.name: plan_result(p, outcomes[p.name], (designs[p.name].min_samples, designs[p.name].max_samples)
                                 if p.name in designs else None)
             for p in plans if p.name in outcomes
         }
-        all_failed |= bool(records) and all(r.outcome == "error" for r in records)
     if stored is not None:
-        summary = {**stored.summary, "tasks": {p.name: stored.summary["tasks"].get(p.name) for p in plans}}
-        write_json(run_dir / BASELINE / "summary.json", summary)
+        write_json(run_dir / BASELINE / "summary.json",
+                   {**stored.summary, "tasks": {p.name: stored.summary["tasks"].get(p.name) for p in plans}})
         results[BASELINE] = {p.name: stored.tasks[p.name] for p in plans}
-    gate = _gate_config(config)
+    gate = _gate(config)
     comparisons = compare_sides(results[CANDIDATE], results[BASELINE],
                                 lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha))
+    run_id = saved_run_id(run_dir)
     document = comparison_document(comparisons)
     document["candidate"] = {"label": config.candidate.label, "source": f"{run_dir}/{CANDIDATE}", "run_id": run_id}
-    document["baseline"] = {"label": stored.label if stored else config.baseline.label,
-                            "source": stored.source if stored else f"{run_dir}/{BASELINE}",
-                            "run_id": stored.run_id if stored else run_id}
-    exit_code = EndpointError.exit_code if all_failed else 0
+    document["baseline"] = (
+        {"label": stored.label, "source": stored.source, "run_id": stored.run_id} if stored is not None
+        else {"label": config.baseline.label, "source": f"{run_dir}/{BASELINE}", "run_id": run_id}
+    )
+    exit_code = 0
     if config.gate is not None:
-        result = apply_gate(comparisons, config.gate)
-        document["gate"] = result.to_dict()
-        exit_code = max(exit_code, result.exit_code)
+        gated = apply_gate(comparisons, config.gate)
+        document["gate"] = gated.to_dict()
+        exit_code = gated.exit_code
     write_json(run_dir / "comparison.json", document)
-    warnings = truncation_warnings(sides[CANDIDATE][0], plans)
-    report = report_markdown(config_name=config.name, run_dir=run_dir, sides=sides,
-                             endpoint={"candidate": config.candidate.model,
-                                       "baseline": stored.source if stored else config.baseline.model},
-                             warnings=warnings, config_path=config_path)
-    (run_dir / "report.md").write_text(report + "\n" + comparison_markdown(document), encoding="utf-8")
-    for side, (summary, _) in sides.items():
-        stdout.print(results_table(summary, side))
-    stdout.print(comparison_table(document))
-    for line in gate_lines(document):
-        log.info(line)
-    for warning in warnings:
-        log.warning(warning)
-    return exit_code
+    report = run_dir / "report.md"
+    report.write_text(report.read_text(encoding="utf-8") + "\n" + comparison_markdown(document), encoding="utf-8")
+    return document, exit_code

@@ -15,7 +15,7 @@ config="configs/smoke.yaml"
 # --- fake endpoint for the smoke config -------------------------------------------------------------------
 workdir="$(mktemp -d)"
 python -m evalpipe.testing.fake_server --answer-key-for "$config" --port-file "$workdir/port" \
-  --accuracy 0.7 --truncation-rate 0.06 --no-answer-rate 0.03 --tokens-per-s 400 \
+  --accuracy 0.7 --truncation-rate 0.06 --no-answer-rate 0.03 --tokens-per-s 300 \
   > "$workdir/server.log" 2>&1 &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; rm -rf "$workdir"' EXIT

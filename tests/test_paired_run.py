@@ -13,7 +13,7 @@ import yaml
 
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
-from evalpipe.testing.fake_server import FakeServer, answer_key_for_plan
+from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans
 from orch_helpers import needs_shared_data, run_cli, write_config
 
 pytestmark = needs_shared_data
@@ -36,7 +36,7 @@ def _config(tmp_path: Path, tasks=TASKS, name: str = "run.yaml", **extra) -> Pat
 def _servers(config: Path, candidate: dict, baseline: dict | None = None):
     """Fake servers that know the plan's answers; the config is pointed at them."""
     _, plans = plan_from_config(config)
-    key = answer_key_for_plan([r for p in plans for r in p.requests])
+    key = answer_key_for_plans(plans)
     with contextlib.ExitStack() as stack:
         cand = stack.enter_context(FakeServer({"answer_key": key, **candidate}))
         base = stack.enter_context(FakeServer({"answer_key": key, **baseline})) if baseline is not None else None
