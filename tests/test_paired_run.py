@@ -198,6 +198,25 @@ def test_adaptive_sampling_spends_less_and_replays_to_the_same_result(tmp_path):
     assert gated.exit_code == 0 and f"{100 * aime['delta']:+.1f}" in gated.output
 
 
+def test_an_adaptive_run_cut_after_its_first_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    tasks = [{"task": "aime24", "samples": "auto", "min_samples": 2, "max_samples": 8, "max_tokens": 256,
+              "limit": 30}]
+    config = _config(tmp_path, tasks=tasks, baseline=LIVE_BASELINE, gate={"margin": 0.05})
+    with _servers(config, {"accuracy": 0.6}, {"accuracy": 0.7}) as (cand, _):
+        result, run_dir = _run(config)
+        full = len(cand.requests)
+        # simulate a crash after the first stage: keep only samples 0 and 1 in both journals
+        for side in ("candidate", "baseline"):
+            journal = run_dir / side / "journal.jsonl"
+            kept = [line for line in journal.read_text().splitlines() if json.loads(line)["sample_index"] < 2]
+            journal.write_text("\n".join(kept) + "\n")
+        expected = json.loads((run_dir / "comparison.json").read_text())
+        resumed, _ = _run(config, "--resume", str(run_dir))
+    assert resumed.exit_code == result.exit_code, resumed.output
+    assert full > 60 and len(cand.requests) == 2 * full - 60  # only the later stages were sent again
+    assert json.loads((run_dir / "comparison.json").read_text())["tasks"] == expected["tasks"]
+
+
 def test_plan_uses_the_stored_baseline_variance_and_leaderboard_lists_runs(tmp_path):
     registry = _fp8_baseline(tmp_path)
     config = _config(tmp_path, baseline={"registry": "r1-fp8", "registry_dir": str(registry)},
