@@ -4,7 +4,8 @@ Design. Every question gets `min_samples` samples on each side (the first stage)
 outcomes are mixed (some correct, some not) on either side is *extended*; only extended questions get more
 samples, in looks at k = min, 2 min, 4 min, ... up to `max_samples` (sample indices are fixed, so seeds are
 deterministic and a resumed run replays the same decisions from its journal). After each look the task stops
-when its non-inferiority verdict is decided.
+when its non-inferiority verdict is decided. Against a stored baseline (sampled in full beforehand) only the
+candidate is sampled adaptively, and the baseline counts as mixed over all its samples.
 
 Two corrections keep the test honest:
 

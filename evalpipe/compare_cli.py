@@ -23,7 +23,6 @@ from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
 from evalpipe.planning import plan_rows, planning_baseline
 from evalpipe.runner import plan_from_config
-from evalpipe.validation import validated
 from evalpipe.stored import (
     DEFAULT_REGISTRY_DIR,
     REGISTRY_FILE,
@@ -34,6 +33,7 @@ from evalpipe.stored import (
     resolve_side,
     save_baseline,
 )
+from evalpipe.validation import validated
 
 log = logging.getLogger("evalpipe")
 

@@ -21,8 +21,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from evalpipe.cards import available_tasks, load_card
-from evalpipe.config import RunConfig
 from evalpipe.compare_report import comparison_table, gate_lines
+from evalpipe.config import RunConfig
 from evalpipe.errors import UserError
 from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan

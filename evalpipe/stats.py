@@ -7,7 +7,7 @@ are the same questions in the same order; k may differ between the sides and, th
 Design choices (why, briefly):
 
 * **Unit of analysis is the question.** Each side is reduced to its per-question mean over available
-  samples; the paired difference d_i = c_i - b_i removes between-question difficulty (Miller 2024, sec. 4).
+  samples; the paired difference d_i = c_i - b_i removes between-question difficulty (Miller 2024).
   A question missing on either side (all NaN) is dropped from the pairing.
 * **Student t with n-1 degrees of freedom**, n = paired questions. The standard error is estimated from the
   same n differences, and n is small for AIME24 (30); t keeps the nominal level there and equals the
@@ -22,7 +22,7 @@ Design choices (why, briefly):
   non-inferior when its true accuracy is above baseline - margin: "pass" needs the one-sided lower bound of
   delta above -margin, "fail" needs the one-sided upper bound below -margin, anything else is
   "inconclusive". margin = 0 turns the test into a one-sided superiority test.
-* **Variance split for planning** (Miller 2024, sec. 3): a sample's variance around the overall mean is
+* **Variance split for planning** (Miller 2024): a sample's variance around the overall mean is
   between-question Var(p_i) plus within-question E[p_i (1 - p_i)]. In the paired design with no true
   difference the between part cancels and Var(d_i) = within / k_c + within / k_b. The within part is
   estimated without bias from baseline per-question counts (x (k - x) / (k (k - 1)) per question); with one
@@ -222,20 +222,13 @@ def variance_components(outcomes: ArrayLike) -> VarianceComponents:
 
 
 def paired_stderr(
-    n_questions: int,
-    k_candidate: int,
-    k_baseline: int,
-    components: VarianceComponents = WORST_CASE,
-    effect_variance: float = 0.0,
+    n_questions: int, k_candidate: int, k_baseline: int, components: VarianceComponents = WORST_CASE
 ) -> float:
-    """Expected standard error of delta for a design, with the test's floor applied.
-
-    effect_variance is Var_i of the true per-question difference (0 when the candidate is uniformly as good as
-    the baseline, the alternative non-inferiority power is computed at).
-    """
+    """Expected standard error of delta for a design, with the test's floor applied, when the candidate is as
+    good as the baseline on every question (the alternative non-inferiority power is computed at)."""
     if n_questions < 2:
         return math.inf
-    omega2 = effect_variance + components.within / k_candidate + components.within / k_baseline
+    omega2 = components.within / k_candidate + components.within / k_baseline
     floor = _floor_sum_of_squares(k_candidate, k_baseline) / (n_questions - 1)
     return math.sqrt(max(omega2, floor) / n_questions)
 
