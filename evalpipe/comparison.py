@@ -77,13 +77,6 @@ class SideOutcomes:
                 errored[row, :k] = self.errored[source, :k]
         return SideOutcomes(tuple(question_ids), correct, truncated, errored)
 
-    def widen(self, width: int) -> SideOutcomes:
-        """The same outcomes with at least `width` sample columns (extra columns never issued)."""
-        extra = max(0, width - self.correct.shape[1])
-        pad = ((0, 0), (0, extra))
-        return SideOutcomes(self.question_ids, np.pad(self.correct, pad, constant_values=np.nan),
-                            np.pad(self.truncated, pad), np.pad(self.errored, pad))
-
     def restrict(self, keep: np.ndarray) -> SideOutcomes:
         """Only the samples where `keep` (same shape) is True; the others become never issued."""
         return SideOutcomes(self.question_ids, np.where(keep, self.correct, np.nan), self.truncated & keep,
@@ -330,10 +323,9 @@ def _replayed(
 ) -> tuple[SideOutcomes, SideOutcomes]:
     """Both sides restricted to the samples the adaptive procedure used at its last complete look."""
     shared = [qid for qid in cand.question_ids if qid in set(base.question_ids)]
-    cand = cand.take(shared).widen(design.max_samples)
-    base = base.take(shared)
-    if design.baseline_adaptive:
-        base = base.widen(cand.correct.shape[1])
+    width = max(design.max_samples, cand.correct.shape[1])
+    cand = cand.reindex(shared, width)
+    base = base.reindex(shared, width) if design.baseline_adaptive else base.take(shared)
     progress = replay(cand.correct, cand.issued, base.correct, base.issued, design, margin, alpha)
     if progress.look is None:
         return cand, base

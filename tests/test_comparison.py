@@ -56,13 +56,14 @@ def test_side_outcomes_builds_arrays_from_journal_records():
     assert codes["mmlu"] == (["m1"], ["n"])
 
 
-def test_outcomes_from_codes_widen_and_restrict():
+def test_outcomes_from_codes_reindex_and_restrict():
     side = SideOutcomes.from_codes(["a", "b"], ["ctw", "e.n"])
     np.testing.assert_array_equal(side.correct, [[1, 0, 0], [np.nan, np.nan, 0]])
     np.testing.assert_array_equal(side.issued, [[True, True, True], [True, False, True]])
-    wide = side.widen(5)
-    assert wide.correct.shape == (2, 5) and np.isnan(wide.correct[:, 3:]).all()
-    keep = np.zeros((2, 5), bool)
+    wide = side.reindex(["b", "a", "z"], 5)
+    assert wide.correct.shape == (3, 5) and np.isnan(wide.correct[:, 3:]).all() and np.isnan(wide.correct[2]).all()
+    np.testing.assert_array_equal(wide.errored[0, :3], [True, False, False])
+    keep = np.zeros((3, 5), bool)
     keep[:, 0] = True
     narrow = wide.restrict(keep)
     assert narrow.rate(narrow.errored) == 0.5 and narrow.rate(narrow.truncated) == 0.0
