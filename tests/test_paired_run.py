@@ -22,6 +22,8 @@ TASKS = [
     {"task": "aime24", "samples": 4, "max_tokens": 256, "limit": 30},
     {"task": "gpqa_diamond", "samples": 2, "max_tokens": 256, "limit": 40},
 ]
+ADAPTIVE_AIME = [{"task": "aime24", "samples": "auto", "min_samples": 2, "max_samples": 8, "max_tokens": 256,
+                  "limit": 30}]
 LIVE_BASELINE = {"label": "fp8", "model": "fake-model", "base_url": "http://127.0.0.1:1/v1"}
 COMPARISON_TASK_KEYS = {"candidate", "baseline", "delta", "stderr", "ci95", "margin", "verdict", "flipped",
                         "both_completed"}
@@ -178,9 +180,7 @@ def test_stored_runs_with_different_protocols_are_refused_by_compare_and_gate(tm
 
 
 def test_adaptive_sampling_spends_less_and_replays_to_the_same_result(tmp_path):
-    tasks = [{"task": "aime24", "samples": "auto", "min_samples": 2, "max_samples": 8, "max_tokens": 256,
-              "limit": 30}]
-    config = _config(tmp_path, tasks=tasks, baseline=LIVE_BASELINE, gate={"margin": 0.1})
+    config = _config(tmp_path, tasks=ADAPTIVE_AIME, baseline=LIVE_BASELINE, gate={"margin": 0.1})
     with _servers(config, {"accuracy": 0.7}, {"accuracy": 0.7}) as (cand, base):
         result, run_dir = _run(config)
         assert result.exit_code == 0, result.output
@@ -199,9 +199,7 @@ def test_adaptive_sampling_spends_less_and_replays_to_the_same_result(tmp_path):
 
 
 def test_an_adaptive_run_cut_after_its_first_stage_resumes_to_the_uninterrupted_result(tmp_path):
-    tasks = [{"task": "aime24", "samples": "auto", "min_samples": 2, "max_samples": 8, "max_tokens": 256,
-              "limit": 30}]
-    config = _config(tmp_path, tasks=tasks, baseline=LIVE_BASELINE, gate={"margin": 0.05})
+    config = _config(tmp_path, tasks=ADAPTIVE_AIME, baseline=LIVE_BASELINE, gate={"margin": 0.05})
     with _servers(config, {"accuracy": 0.6}, {"accuracy": 0.7}) as (cand, _):
         result, run_dir = _run(config)
         full = len(cand.requests)
