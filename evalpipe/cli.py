@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from evalpipe import orchestrator_cli
+from evalpipe import compare_cli, orchestrator_cli
 
 app = typer.Typer(
     name="evalpipe",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 
 orchestrator_cli.register(app)
+compare_cli.register(app)
 
 
 def main() -> None:
