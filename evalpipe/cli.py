@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from runtime.cli import model_app, quantize_command
+from evalpipe import compare_cli, orchestrator_cli
+from runtime import cli as runtime_cli
 
 app = typer.Typer(
     name="evalpipe",
@@ -17,8 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("quantize")(quantize_command)
-app.add_typer(model_app, name="model")
+orchestrator_cli.register(app)
+compare_cli.register(app)
+runtime_cli.register(app)
 
 
 def main() -> None:

@@ -107,3 +107,8 @@ def synth_command(
     with _user_errors():
         write_synthetic_deepseek_fp8(out_dir, shape, seed=seed, device=device, tokenizer_from=tokenizer_from)
     typer.echo(str(out_dir))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)
+    app.add_typer(model_app, name="model")
