@@ -1,19 +1,17 @@
 """CLI commands of the runtime's model side: `evalpipe quantize` and `evalpipe model ...`.
 
 Heavy imports happen inside the commands so `evalpipe --help` stays fast. A user mistake (bad directory,
-unsupported checkpoint, invalid option) prints one line and exits with code 2.
+unsupported checkpoint, invalid option) raises CheckpointError, a UserError: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 import typer
 
-model_app = typer.Typer(help="Build the models evalpipe ships and synthetic test checkpoints.", no_args_is_help=True)
+from runtime.errors import CheckpointError
 
 
 class Scheme(str, Enum):
@@ -26,20 +24,10 @@ class Preset(str, Enum):
     r1 = "r1"
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _setup_logging() -> None:
+    from evalpipe.orchestrator_cli import setup_logging
 
-
-@contextmanager
-def _user_errors():
-    from runtime.errors import CheckpointError
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        yield
-    except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
-        _fail(str(e))
+    setup_logging(verbose=False)
 
 
 def quantize_command(
@@ -56,8 +44,9 @@ def quantize_command(
     from runtime.quantize import quantize_checkpoint
 
     if not in_dir.is_dir():
-        _fail(f"IN_DIR {in_dir} is not a directory")
-    with _user_errors(), Progress(transient=True) as progress:
+        raise CheckpointError(f"IN_DIR {in_dir} is not a directory")
+    _setup_logging()
+    with Progress(transient=True) as progress:
         task = progress.add_task("writing tensors", total=None)
         quantize_checkpoint(
             in_dir, out_dir, scheme.value, group_size=group_size, calib_samples=calib_samples, device=device,
@@ -66,7 +55,6 @@ def quantize_command(
     typer.echo(str(out_dir))
 
 
-@model_app.command("build")
 def build_command(
     name: str = typer.Argument(..., help="Model to build: smollm2-moe."),
     out: Path | None = typer.Option(None, "--out", help="Directory for the variants (default: $EVALPIPE_CACHE/models)."),
@@ -76,14 +64,13 @@ def build_command(
     from runtime.demo_model import DEMO_NAME, build_demo_models
 
     if name != DEMO_NAME:
-        _fail(f"unknown model {name!r} (available: {DEMO_NAME})")
-    with _user_errors():
-        paths = build_demo_models(out, force=force)
+        raise CheckpointError(f"unknown model {name!r} (available: {DEMO_NAME})")
+    _setup_logging()
+    paths = build_demo_models(out, force=force)
     for variant, path in paths.items():
         typer.echo(f"{variant}\t{path}")
 
 
-@model_app.command("synth-deepseek")
 def synth_command(
     out_dir: Path = typer.Argument(..., help="Where to write the checkpoint."),
     preset: Preset = typer.Option(Preset.tiny, "--preset", help="tiny (CPU tests) or r1 (DeepSeek-R1 widths)."),
@@ -103,12 +90,19 @@ def synth_command(
     overrides = {"num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "n_routed_experts": experts}
     shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
     if out_dir.exists() and any(out_dir.iterdir()):
-        _fail(f"{out_dir} already exists and is not empty")
-    with _user_errors():
-        write_synthetic_deepseek_fp8(out_dir, shape, seed=seed, device=device, tokenizer_from=tokenizer_from)
+        raise CheckpointError(f"{out_dir} already exists and is not empty")
+    if tokenizer_from is not None and not tokenizer_from.is_dir():
+        raise CheckpointError(f"--tokenizer-from {tokenizer_from} is not a directory")
+    _setup_logging()
+    write_synthetic_deepseek_fp8(out_dir, shape, seed=seed, device=device, tokenizer_from=tokenizer_from)
     typer.echo(str(out_dir))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_command)
+    from evalpipe.orchestrator_cli import user_errors
+
+    model_app = typer.Typer(help="Build the models evalpipe ships and synthetic test checkpoints.", no_args_is_help=True)
+    app.command("quantize")(user_errors(quantize_command))
+    model_app.command("build")(user_errors(build_command))
+    model_app.command("synth-deepseek")(user_errors(synth_command))
     app.add_typer(model_app, name="model")
