@@ -66,11 +66,11 @@ def _linear_weight_names(model_dir: Path, hf_config: dict, reader: CheckpointRea
     return linears, expert_prefixes
 
 
-def _dense_weight(reader: CheckpointReader, src: CheckpointTensor) -> torch.Tensor:
+def _dense_weight(reader: CheckpointReader, src: CheckpointTensor, device: torch.device) -> torch.Tensor:
     """fp32 weight of a bf16/fp32 tensor or of an FP8-block one (dequantized with its weight_scale_inv)."""
-    w = src.read()
+    w = src.read().to(device)
     if w.dtype == nx.FP8_DTYPE:
-        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read())
+        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read().to(device))
     return w.float()
 
 
@@ -83,6 +83,7 @@ class _Job:
     reader: CheckpointReader
     linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
     expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
+    device: torch.device  # where calibration and the per-tensor quantization run
 
 
 def quantize_checkpoint(
@@ -97,13 +98,13 @@ def quantize_checkpoint(
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Quantize the checkpoint in `in_dir` into `out_dir` (must not exist yet or be empty); returns out_dir."""
-    job = _plan(Path(in_dir), Path(out_dir), scheme, group_size, calib_samples)
+    job = _plan(Path(in_dir), Path(out_dir), scheme, group_size, calib_samples, torch.device(device))
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        act_index = _write_act_scales(job, partial, calib_samples, calib_max_len, device) if scheme == "w4afp8" else {}
+        act_index = _write_act_scales(job, partial, calib_samples, calib_max_len) if scheme == "w4afp8" else {}
         _write_tensors(job, partial, max_shard_bytes, act_index, on_tensor)
         _write_configs(job, partial)
     except BaseException:
@@ -116,7 +117,7 @@ def quantize_checkpoint(
     return out_dir
 
 
-def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_samples: int) -> _Job:
+def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_samples: int, device: torch.device) -> _Job:
     """Check every precondition before anything is written."""
     if scheme not in SCHEMES:
         raise CheckpointError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
@@ -141,14 +142,14 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
                 raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}{hint}")
         if calib_samples < 1:
             raise CheckpointError("--calib-samples must be at least 1 for w4afp8 (activation scales are calibrated)")
-    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, expert_prefixes)
+    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, expert_prefixes, device)
 
 
-def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int, device: str) -> dict[str, str]:
+def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int) -> dict[str, str]:
     """act_scales.safetensors (w1 == w3 per expert, as TRT-LLM writes them); returns its index entries."""
     from runtime.calibration import calibrate_expert_input_scales
 
-    scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, device)
+    scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, job.device)
     act = {}
     for ckpt_prefix, module_path in sorted(job.expert_prefixes.items()):
         for e, (s13, s2) in enumerate(scales[module_path].tolist()):
@@ -170,7 +171,7 @@ def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict
         expert = EXPERT_NAME.match(name)
         is_expert_weight = bool(expert) and expert["suffix"] == "weight"
         if is_expert_weight and job.scheme == "w4afp8":
-            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src).to(torch.bfloat16), job.group_size)
+            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src, job.device).to(torch.bfloat16), job.group_size)
             writer.add(name, packed)
             writer.add(name + "_scale_inv", scale)
         elif is_expert_weight or name in job.linears:
@@ -178,7 +179,7 @@ def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict
                 writer.add(name, src.read())
                 writer.add(name + "_scale_inv", reader.get(name + "_scale_inv").read())
             else:
-                q, scale = nx.quantize_fp8_block(src.read().to(torch.bfloat16))
+                q, scale = nx.quantize_fp8_block(src.read().to(job.device, torch.bfloat16))
                 writer.add(name, q)
                 writer.add(name + "_scale_inv", scale)
         else:
