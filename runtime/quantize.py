@@ -47,23 +47,24 @@ W4AFP8_HF_QUANT_CONFIG = {
 _SKIP_FILES = {"config.json", INDEX_FILE, "hf_quant_config.json", ACT_SCALES_FILE}
 
 
-def _linear_weight_names(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], dict[str, str]]:
-    """(checkpoint names of linear-layer weights, {checkpoint experts prefix: module path}) from the model's own
-    layer definitions, built on the meta device so nothing is allocated."""
+def _classify_tensors(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], set[str], dict[str, str]]:
+    """(linear-layer weights, tensors the runtime does not serve, {checkpoint experts prefix: module path}),
+    from the model's own layer definitions, built on the meta device so nothing is allocated."""
     config = config_from_dict(hf_config, str(model_dir / "config.json"))
     skeleton = MODEL_FAMILIES[config.architecture](config, Bf16Config(), SINGLE, torch.bfloat16, torch.device("meta"))
     linear_modules = {name for name, m in skeleton.named_modules() if isinstance(m, Linear)}
-    linears, expert_prefixes = set(), {}
+    linears, unserved, expert_prefixes = set(), set(), {}
     for name in reader.names():
         mapped = skeleton.checkpoint_name(name)
         if mapped is None:
+            unserved.add(name)
             continue
         expert = EXPERT_NAME.match(name)
         if expert:
             expert_prefixes[expert["prefix"]] = EXPERT_NAME.match(mapped)["prefix"]
         elif name.endswith(".weight") and mapped.removesuffix(".weight") in linear_modules:
             linears.add(name)
-    return linears, expert_prefixes
+    return linears, unserved, expert_prefixes
 
 
 def _dense_weight(reader: CheckpointReader, src: CheckpointTensor, device: torch.device) -> torch.Tensor:
@@ -82,6 +83,7 @@ class _Job:
     hf_config: dict
     reader: CheckpointReader
     linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
+    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged, as TRT-LLM's script does
     expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
     device: torch.device  # where calibration and the per-tensor quantization run
 
@@ -130,7 +132,7 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
     if source not in allowed:
         raise CheckpointError(f"{in_dir} holds a {source} checkpoint; --scheme {scheme} needs {' or '.join(allowed)} input")
     reader = CheckpointReader(in_dir)
-    linears, expert_prefixes = _linear_weight_names(in_dir, hf_config, reader)
+    linears, unserved, expert_prefixes = _classify_tensors(in_dir, hf_config, reader)
     if scheme == "w4afp8":
         if not expert_prefixes:
             raise CheckpointError(f"{in_dir}: no routed experts to quantize")
@@ -142,7 +144,7 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
                 raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}{hint}")
         if calib_samples < 1:
             raise CheckpointError("--calib-samples must be at least 1 for w4afp8 (activation scales are calibrated)")
-    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, expert_prefixes, device)
+    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, unserved, expert_prefixes, device)
 
 
 def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int) -> dict[str, str]:
@@ -165,6 +167,9 @@ def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict
     for i, name in enumerate(names):
         if on_tensor:
             on_tensor(i, len(names))
+        if name in job.unserved:
+            writer.add(name, reader.get(name).read())
+            continue
         if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in reader:
             continue  # written together with its weight
         src = reader.get(name)

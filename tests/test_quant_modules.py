@@ -100,9 +100,10 @@ def test_w4afp8_checkpoint_format(fp8_dir, w4_dir):
                 assert torch.equal(s, w.view(n, k // g, g).abs().amax(-1) / 7)
                 err = (ref_unpack_int4(q) * s.repeat_interleave(g, 1) - w).abs()
                 assert (err <= s.repeat_interleave(g, 1) / 2 * (1 + 1e-6)).all()
-    # everything that is not a routed expert is the FP8 release, bit for bit (the MTP layer 3 included)
+    # everything that is not a served routed expert is the FP8 release, bit for bit (the whole MTP layer 3 too)
     for name in ("model.layers.1.self_attn.kv_b_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight_scale_inv",
-                 "model.layers.0.mlp.gate_proj.weight", "model.layers.3.eh_proj.weight", "model.layers.2.mlp.gate.e_score_correction_bias"):
+                 "model.layers.0.mlp.gate_proj.weight", "model.layers.3.eh_proj.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
+                 "model.layers.3.mlp.experts.5.up_proj.weight", "model.layers.3.mlp.experts.5.up_proj.weight_scale_inv"):
         assert torch.equal(src[name].view(torch.uint8), out[name].view(torch.uint8)) if src[name].dtype == FP8 else torch.equal(src[name], out[name])
 
 
