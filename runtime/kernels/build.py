@@ -52,13 +52,13 @@ def toolchain_missing_reason() -> str | None:
     return None
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why the SM90 kernels cannot run here, or None on a Hopper GPU with the toolchain present."""
+def cuda_unavailable_reason(device=None) -> str | None:
+    """Why the SM90 kernels cannot run on `device` (default: the current GPU), or None when they can."""
     import torch
 
     if not torch.cuda.is_available():
         return "no CUDA GPU (the W4AFP8 CUTLASS kernels need an SM90 GPU)"
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         return f"GPU has compute capability {major}.{minor}; the kernels are built for sm_90a (H100/H200)"
     return toolchain_missing_reason()

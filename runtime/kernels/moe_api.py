@@ -1,15 +1,17 @@
-"""What every fast W4AFP8 MoE backend offers, and the tiling arithmetic the backends share.
+"""What the fast W4AFP8 MoE backends share: the prepared-weights tuple and the tiling arithmetic.
 
-A backend is called exactly like runtime.quant.numerics.w4afp8_moe_ref, except that the four weight tensors are
-the ones its `prepare` returned (run once per layer after loading; layouts differ per backend):
+A backend object is called exactly like runtime.quant.numerics.w4afp8_moe_ref, except that the four weight
+tensors are the ones its `prepare` returned (once per layer after loading; layouts differ per backend):
 
     experts = backend.prepare(w13, w2, w13_scale, w2_scale)        # checkpoint layout in, backend layout out
     out = backend(x, *experts, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+
+runtime.kernels registers them with runtime.backends ("moe.w4afp8": "cutlass", "triton").
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
@@ -19,27 +21,6 @@ class PreparedExperts(NamedTuple):
     w2: torch.Tensor
     w13_scale: torch.Tensor
     w2_scale: torch.Tensor
-
-
-class MoEBackend(Protocol):
-    name: str
-
-    def prepare(self, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor) -> PreparedExperts: ...
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        w13_scale: torch.Tensor,
-        w2_scale: torch.Tensor,
-        a1: torch.Tensor | float,
-        a2: torch.Tensor | float,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        routed_scaling_factor: float = 1.0,
-        expert_offset: int = 0,
-    ) -> torch.Tensor: ...
 
 
 TOKEN_TILES = (8, 16, 32, 64, 128)
