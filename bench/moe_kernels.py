@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     backends = {}
     variants = [("cutlass", CutlassW4AFp8MoE()), ("triton", TritonW4AFp8MoE())]
     variants += [(f"cutlass_cps{c}", CutlassW4AFp8MoE(ctas_per_sm=c)) for c in args.sweep_ctas_per_sm]
+    variants += [("cutlass_nopdl", CutlassW4AFp8MoE(pdl=False))] if args.compare_pdl else []
     variants += [(f"cutlass_tile{t}", CutlassW4AFp8MoE(token_tiles=tuple(x for x in TOKEN_TILES if x <= t)))
                  for t in args.sweep_max_tile]
     prepared_by_kind: dict[str, object] = {}
@@ -366,6 +367,7 @@ def main() -> int:
     parser.add_argument("--check-max-m", type=int, default=4096, help="compare outputs with the reference up to this M")
     parser.add_argument("--profile-m", type=int, nargs="*", default=[1, 8, 64, 4096], help="per-kernel times at these M")
     parser.add_argument("--sweep-ctas-per-sm", type=int, nargs="*", default=[], help="extra cutlass variants")
+    parser.add_argument("--compare-pdl", action="store_true", help="also time cutlass without dependent launch")
     parser.add_argument("--sweep-max-tile", type=int, nargs="*", default=[], help="extra cutlass variants")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -56,7 +56,7 @@ void route_and_quantize(const at::Tensor& x, const at::Tensor& topk_ids, const a
 void grouped_gemm(const at::Tensor& b, const c10::optional<at::Tensor>& b_rows, const at::Tensor& w, const at::Tensor& scales,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& next_scale, const at::Tensor& tiles,
                   const at::Tensor& num_tiles, const at::Tensor& out, const at::Tensor& workspace, const at::Tensor& counters,
-                  int64_t group, int64_t tile_tokens, int64_t n_per_cta, int64_t splits) {
+                  int64_t group, int64_t tile_tokens, int64_t n_per_cta, int64_t splits, bool pdl, bool prefetch_weights_early) {
   check_tensor(b, "activations", at::kFloat8_e4m3fn);
   check_tensor(w, "prepared weights", at::kByte);
   check_tensor(scales, "prepared scales", at::kBFloat16);
@@ -105,11 +105,13 @@ void grouped_gemm(const at::Tensor& b, const c10::optional<at::Tensor>& b_rows, 
   args.n_per_cta = static_cast<int>(n_per_cta);
   args.splits = static_cast<int>(splits);
   args.swiglu = swiglu;
+  args.pdl = pdl;
+  args.prefetch_weights_early = prefetch_weights_early;
   check_cuda(w4::grouped_gemm(args, c10::cuda::getCurrentCUDAStream()), "w4afp8 grouped_gemm");
 }
 
 void combine(const at::Tensor& z, const at::Tensor& src2dst, const at::Tensor& topk_weights, double routed_scaling_factor,
-             const at::Tensor& out) {
+             const at::Tensor& out, bool pdl) {
   check_tensor(z, "expert outputs", at::kBFloat16);
   check_tensor(src2dst, "src2dst", at::kInt);
   check_tensor(topk_weights, "topk_weights", at::kFloat);
@@ -124,6 +126,7 @@ void combine(const at::Tensor& z, const at::Tensor& src2dst, const at::Tensor& t
   args.H = static_cast<int>(out.size(1));
   args.topk = static_cast<int>(topk_weights.size(1));
   args.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+  args.pdl = pdl;
   check_cuda(w4::combine(args, c10::cuda::getCurrentCUDAStream()), "w4afp8 combine");
 }
 

@@ -41,6 +41,26 @@ __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(_
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
 
+// Programmatic dependent launch (PDL): a kernel launched with the PDL attribute may start while the previous one
+// finishes; it must wait before touching anything that kernel writes. Both are no-ops without the attribute.
+__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void allow_next_kernel_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+template <typename Kernel, typename Args>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, bool pdl, const Args& args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args);
+}
+
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
@@ -99,6 +119,7 @@ __device__ void route_block(const RouteArgs& a) {
 
 template <typename Id>
 __global__ void __launch_bounds__(kRouteThreads) route_and_quantize_kernel(RouteArgs a) {
+  allow_next_kernel_launch();
   if (blockIdx.x == 0) route_block<Id>(a);
   // Every block (block 0 too) quantizes a share of x: 8 bf16 in, 8 fp8 out per step.
   const float inv = 1.0f / *a.a1;
@@ -122,7 +143,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_and_quantize_kernel(Route
 
 template <int NT, int G>
 struct GemmConfig {
-  static constexpr int kStages = NT <= 16 ? 6 : 4;
+  static constexpr int kStages = NT <= 16 ? 5 : 4;  // small tiles: 8 CTAs per SM fit in shared memory
   static constexpr int kKSteps = G / 32;                 // wgmma k32 steps per stage (= per group)
   static constexpr int kABytes = kTileRows * G / 2;      // int4 weights per stage
   static constexpr int kSBytes = kTileRows * 2;          // bf16 scales of the tile's 64 rows for one group
@@ -132,7 +153,8 @@ struct GemmConfig {
   static constexpr int kAcc = NT / 2;                    // fp32 accumulators per thread
   using SmemAtomB = std::conditional_t<G == 128, GMMA::Layout_K_SW128_Atom<float_e4m3_t>,
                                        GMMA::Layout_K_SW64_Atom<float_e4m3_t>>;
-  using SmemLayoutB = decltype(tile_to_shape(SmemAtomB{}, Shape<Int<NT>, Int<G>>{}));
+  using SmemLayoutB = decltype(tile_to_shape(SmemAtomB{}, Shape<Int<NT>, Int<G>, Int<kStages>>{}));
+  static_assert(decltype(cosize(SmemLayoutB{}))::value == kStages * kBBytes, "B stages are contiguous");
   using TiledMma = decltype(make_tiled_mma(
       GMMA::rs_op_selector<float_e4m3_t, float_e4m3_t, float, Shape<_64, Int<NT>, Int<G>>,
                            GMMA::Major::K, GMMA::Major::K>()));
@@ -144,6 +166,10 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   using Cfg = GemmConfig<NT, G>;
   constexpr int kStages = Cfg::kStages;
   const int tile = blockIdx.x;
+  allow_next_kernel_launch();
+  // The tile list comes from the routing kernel. When that is not the previous kernel (down GEMM), it is
+  // complete already and this CTA prefetches its weights while the previous kernel finishes.
+  if (!p.prefetch_weights_early) wait_for_previous_kernel();
   if (tile >= *p.num_tiles) return;
   const int tid = threadIdx.x;
   const int expert = p.tiles[3 * tile], row0 = p.tiles[3 * tile + 1], nrows = p.tiles[3 * tile + 2];
@@ -157,10 +183,41 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   const int iters = nt_count * g_count;
 
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  auto stage_a = [&](int s) { return smem + s * Cfg::kABytes; };
-  auto stage_b = [&](int s) { return smem + kStages * Cfg::kABytes + s * Cfg::kBBytes; };
-  auto stage_s = [&](int s) { return smem + kStages * (Cfg::kABytes + Cfg::kBBytes) + s * Cfg::kSBytes; };
+  // Align in the shared window (integer offset on the shared pointer keeps LDS instead of generic loads).
+  uint8_t* smem = smem_raw + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u)) & 1023u);
+  uint8_t* smem_a = smem;                                              // kStages x int4 weights
+  uint8_t* smem_b = smem + kStages * Cfg::kABytes;                     // kStages x fp8 activations (swizzled)
+  uint8_t* smem_s = smem + kStages * (Cfg::kABytes + Cfg::kBBytes);    // kStages x 64 bf16 scales
+
+  // Stage sources advance by one scale group, then to the next weight tile: no divisions in the loop.
+  struct Cursor {
+    int nt, g;
+  };
+  auto advance = [&](Cursor& c) {
+    if (++c.g == g_begin + g_count) {
+      c.g = g_begin;
+      ++c.nt;
+    }
+  };
+  const size_t a_tile_bytes = static_cast<size_t>(p.K / 64) * 2048;
+  const uint8_t* a_thread = p.w + static_cast<size_t>(expert) * n_tiles * a_tile_bytes + tid * 16;
+  const uint16_t* s_expert = p.scales + static_cast<size_t>(expert) * groups * p.N + tid * 8;
+  auto load_weights = [&](int s, Cursor c) {
+    const uint8_t* a_src = a_thread + c.nt * a_tile_bytes + static_cast<size_t>(c.g) * (G / 64) * 2048;
+#pragma unroll
+    for (int j = 0; j < G / 64; ++j) cp_async_16(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16, a_src + j * 2048, true);
+    if (tid < Cfg::kSBytes / 16)
+      cp_async_16(smem_s + s * Cfg::kSBytes + tid * 16, s_expert + static_cast<size_t>(c.g) * p.N + c.nt * kTileRows, true);
+  };
+  // Prologue, part 1: weights and scales of the first stages (one cp.async group), possibly before the wait.
+  Cursor cursor{nt_begin, g_begin};
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < iters) load_weights(s, cursor);
+    advance(cursor);
+  }
+  cute::cp_async_fence();
+  if (p.prefetch_weights_early) wait_for_previous_kernel();
 
   // Which activation pieces (16 B) this thread copies each stage, and from where.
   constexpr int kBPieces = NT * G / 16;
@@ -171,30 +228,38 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   for (int i = 0; i < kBPerThread; ++i) {
     const int piece = tid + i * kThreads;
     const int r = piece / (G / 16), col = (piece % (G / 16)) * 16;
-    b_dst[i] = piece < kBPieces ? static_cast<int>(typename Cfg::SmemLayoutB{}(r, col)) : -1;
+    b_dst[i] = piece < kBPieces ? static_cast<int>(typename Cfg::SmemLayoutB{}(r, col, 0)) : -1;
     b_src[i] = nullptr;
     if (piece < kBPieces && r < nrows) {
       const int src_row = p.b_rows ? p.b_rows[row0 + r] : row0 + r;
       b_src[i] = p.b + static_cast<size_t>(src_row) * p.K + col;
     }
   }
-
-  auto load_stage = [&](int it, int s) {
-    const int nt = nt_begin + it / g_count, g = g_begin + it % g_count;
-    const uint8_t* a_src = p.w + ((static_cast<size_t>(expert) * n_tiles + nt) * (p.K / 64) + size_t(g) * (G / 64)) * 2048;
-#pragma unroll
-    for (int j = 0; j < G / 64; ++j) cp_async_16(stage_a(s) + (j * kThreads + tid) * 16, a_src + (j * kThreads + tid) * 16, true);
+  auto load_activations = [&](int s, int g) {
 #pragma unroll
     for (int i = 0; i < kBPerThread; ++i)
-      if (b_dst[i] >= 0) cp_async_16(stage_b(s) + b_dst[i], b_src[i] ? b_src[i] + size_t(g) * G : p.b, b_src[i] != nullptr);
-    if (tid < Cfg::kSBytes / 16) {
-      const uint16_t* s_src = p.scales + (static_cast<size_t>(expert) * groups + g) * p.N + nt * kTileRows;
-      cp_async_16(stage_s(s) + tid * 16, s_src + tid * 8, true);
+      if (b_dst[i] >= 0) cp_async_16(smem_b + s * Cfg::kBBytes + b_dst[i], b_src[i] ? b_src[i] + g * G : p.b, b_src[i] != nullptr);
+  };
+  // Prologue, part 2: activations of the first stages, one group each (so group it+1 completes stage it).
+  {
+    Cursor c{nt_begin, g_begin};
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < iters) load_activations(s, c.g);
+      advance(c);
+      cute::cp_async_fence();
     }
+  }
+  auto load_next_stage = [&](int s) {
+    load_weights(s, cursor);
+    load_activations(s, cursor.g);
+    advance(cursor);
   };
 
   typename Cfg::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<float_e4m3_t*>(smem_b)), typename Cfg::SmemLayoutB{});
+  Tensor tCrB = thr.partition_fragment_B(sB);  // wgmma descriptors (MMA, 1, k-steps, stages)
   Tensor accum = partition_fragment_C(mma, Shape<_64, Int<NT>>{});
   Tensor partial = partition_fragment_C(mma, Shape<_64, Int<NT>>{});
   Tensor tCrA = make_tensor<float_e4m3_t>(partition_shape_A(mma, Shape<_64, Int<G>>{}));
@@ -206,26 +271,20 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   const int my_row = warp * 16 + lane / 4;
   const int my_tok = 2 * (lane % 4);
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < iters) load_stage(s, s);
-    cute::cp_async_fence();
-  }
   clear(accum);
   const float alpha = *p.alpha;
+  int use_nt = nt_begin, use_g = g_begin, s = 0;
 
   for (int it = 0; it < iters; ++it) {
     cute::cp_async_wait<kStages - 2>();
     __syncthreads();
-    const int next = it + kStages - 1;
-    if (next < iters) load_stage(next, next % kStages);
+    if (it + kStages - 1 < iters) load_next_stage(s == 0 ? kStages - 1 : s - 1);
     cute::cp_async_fence();
-    const int s = it % kStages;
 
     // int4 -> e4m3 into the A fragment: word (step, half) holds rows (r, r+8) x 4 k of one register pair.
 #pragma unroll
     for (int j = 0; j < G / 64; ++j) {
-      const uint4 v = *reinterpret_cast<const uint4*>(stage_a(s) + (j * kThreads + tid) * 16);
+      const uint4 v = *reinterpret_cast<const uint4*>(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16);
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
@@ -234,17 +293,15 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
         a_regs[step * 4 + 2 * half + 1] = int4x4_to_e4m3x4(words[w] >> 16);
       }
     }
-    const uint16_t* sc = reinterpret_cast<const uint16_t*>(stage_s(s));
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(smem_s + s * Cfg::kSBytes);
     const float scale_lo = bf16_bits_to_float(sc[my_row]), scale_hi = bf16_bits_to_float(sc[my_row + 8]);
 
-    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<float_e4m3_t*>(stage_b(s))), typename Cfg::SmemLayoutB{});
-    Tensor tCrB = thr.partition_fragment_B(sB);
     warpgroup_fence_operand(partial);
     warpgroup_arrive();
     mma.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
     for (int k = 0; k < Cfg::kKSteps; ++k) {
-      cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), partial);
+      cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k, s), partial);
       mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
@@ -253,10 +310,13 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
 #pragma unroll
     for (int i = 0; i < Cfg::kAcc; ++i) accum(i) += ((i / 2) % 2 ? scale_hi : scale_lo) * partial(i);
 
-    if (it % g_count != g_count - 1) continue;
+    s = s == kStages - 1 ? 0 : s + 1;
+    const int nt = use_nt;
+    if (++use_g != g_begin + g_count) continue;
+    use_g = g_begin;
+    ++use_nt;
 
     // ---- end of one weight tile: split-K fix-up, then the epilogue.
-    const int nt = nt_begin + it / g_count;
     if (p.splits > 1) {
       __shared__ int is_last;
       const size_t slot = static_cast<size_t>(tile) * n_tiles + nt;
@@ -326,8 +386,8 @@ cudaError_t launch_gemm(const GemmArgs& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int n_tiles = p.N / kTileRows;
   const dim3 grid(p.max_tiles, (n_tiles + p.n_per_cta - 1) / p.n_per_cta, p.splits);
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t launched = launch(kernel, grid, kThreads, Cfg::kSmemBytes, stream, p.pdl, p);
+  return launched != cudaSuccess ? launched : cudaGetLastError();
 }
 
 template <int G, bool kSwiGLU>
@@ -356,6 +416,7 @@ cudaError_t dispatch_group(const GemmArgs& p, cudaStream_t stream) {
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineArgs a) {
+  wait_for_previous_kernel();
   const int token = blockIdx.x;
   const int col = (blockIdx.y * kCombineThreads + threadIdx.x) * 8;
   if (col >= a.H) return;
@@ -399,8 +460,8 @@ cudaError_t grouped_gemm(const GemmArgs& p, cudaStream_t stream) {
 cudaError_t combine(const CombineArgs& a, cudaStream_t stream) {
   if (a.H % 8) return cudaErrorInvalidValue;
   const dim3 grid(a.M, (a.H / 8 + kCombineThreads - 1) / kCombineThreads);
-  combine_kernel<<<grid, kCombineThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  const cudaError_t launched = launch(combine_kernel, grid, kCombineThreads, 0, stream, a.pdl, a);
+  return launched != cudaSuccess ? launched : cudaGetLastError();
 }
 
 size_t gemm_workspace_floats(int max_tiles, int N, int tile_tokens, int splits) {

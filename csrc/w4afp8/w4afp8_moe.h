@@ -39,6 +39,8 @@ struct GemmArgs {
   int* counters;             // split-K arrival counters, zero on entry, left zero on exit
   int N, K, group, tile_tokens, max_tiles, n_per_cta, splits;
   bool swiglu;
+  bool pdl;                      // launch as a programmatic dependent of the previous kernel
+  bool prefetch_weights_early;   // the tile list predates the previous kernel: load weights before waiting on it
 };
 
 struct CombineArgs {
@@ -48,6 +50,7 @@ struct CombineArgs {
   float routed_scaling_factor;
   int M, H, topk;
   uint16_t* out;             // bf16 [M, H]
+  bool pdl;
 };
 
 cudaError_t route_and_quantize(const RouteArgs& args, cudaStream_t stream);

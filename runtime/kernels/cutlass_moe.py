@@ -25,8 +25,11 @@ from runtime.kernels.moe_api import (
 from runtime.kernels.wgmma_layout import TILE_ROWS, pack_wgmma_a_operand, prepare_scales, swiglu_row_order
 from runtime.quant.numerics import FP8_DTYPE
 
-# Enough CTAs per SM that weight streams of several CTAs overlap (the GEMMs are memory-bound at decode).
-CTAS_PER_SM = 2
+# CTAs per SM the work split aims for (split-K below it): enough weight streams in flight per SM. Measured on
+# H100 (results/kernels): 8 is best from 2 to 16 tokens and neutral above; a single token (8 tiles) does better
+# at 2, where the split-K fix-up would cost more than the extra streams hide.
+CTAS_PER_SM = 8
+CTAS_PER_SM_SINGLE_TOKEN = 2
 # Pipeline stages (scale groups) a CTA should run through before it is worth launching it.
 MIN_GROUPS_PER_CTA = 8
 
@@ -76,9 +79,12 @@ class CutlassW4AFp8MoE:
 
     name = "cutlass"
 
-    def __init__(self, ctas_per_sm: int = CTAS_PER_SM, token_tiles: tuple[int, ...] = TOKEN_TILES) -> None:
-        self.ctas_per_sm = ctas_per_sm
+    def __init__(self, ctas_per_sm: int | None = None, token_tiles: tuple[int, ...] = TOKEN_TILES, pdl: bool = True) -> None:
+        self.ctas_per_sm = ctas_per_sm  # None: CTAS_PER_SM, or CTAS_PER_SM_SINGLE_TOKEN for one token
         self.token_tiles = token_tiles
+        # Programmatic dependent launch: each kernel starts while the previous one drains (the down GEMM
+        # prefetches its weights meanwhile). Off: plain stream order.
+        self.pdl = pdl
         self._scratch = _Scratch()
 
     def prepare(self, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor) -> PreparedExperts:
@@ -137,8 +143,9 @@ class CutlassW4AFp8MoE:
         sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
         group1 = hidden // w13_scale.shape[1]
         group2 = inter // w2_scale.shape[1]
-        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, self.ctas_per_sm)
-        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, self.ctas_per_sm)
+        ctas_per_sm = self.ctas_per_sm or (CTAS_PER_SM_SINGLE_TOKEN if m == 1 else CTAS_PER_SM)
+        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm)
+        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, ctas_per_sm)
         ws_floats = max(ext.workspace_floats(max_tiles, n, tile, p.splits) if p.splits > 1 else 0
                         for n, p in ((2 * inter, plan1), (hidden, plan2)))
         counter_ints = max_tiles * max(2 * inter, hidden) // TILE_ROWS
@@ -146,9 +153,9 @@ class CutlassW4AFp8MoE:
 
         y = torch.empty(pairs, inter, dtype=FP8_DTYPE, device=dev)
         ext.grouped_gemm(xq, row_token, w13, w13_scale, a1t, a2t, tiles, num_tiles, y, workspace, counters,
-                         group1, tile, plan1.n_per_cta, plan1.splits)
+                         group1, tile, plan1.n_per_cta, plan1.splits, self.pdl, False)
         z = torch.empty(pairs, hidden, dtype=torch.bfloat16, device=dev)
         ext.grouped_gemm(y, None, w2, w2_scale, a2t, None, tiles, num_tiles, z, workspace, counters,
-                         group2, tile, plan2.n_per_cta, plan2.splits)
-        ext.combine(z, src2dst, topk_weights.float().contiguous(), float(routed_scaling_factor), out)
+                         group2, tile, plan2.n_per_cta, plan2.splits, self.pdl, True)
+        ext.combine(z, src2dst, topk_weights.float().contiguous(), float(routed_scaling_factor), out, self.pdl)
         return out
