@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = [("cutlass", CutlassW4AFp8MoE()), ("triton", TritonW4AFp8MoE())]
     variants += [(f"cutlass_cps{c}", CutlassW4AFp8MoE(ctas_per_sm=c)) for c in args.sweep_ctas_per_sm]
     variants += [("cutlass_nopdl", CutlassW4AFp8MoE(pdl=False))] if args.compare_pdl else []
+    variants += [("cutlass_sg1", CutlassW4AFp8MoE(groups_per_stage=1))] if args.compare_stages else []
     variants += [(f"cutlass_tile{t}", CutlassW4AFp8MoE(token_tiles=tuple(x for x in TOKEN_TILES if x <= t)))
                  for t in args.sweep_max_tile]
     prepared_by_kind: dict[str, object] = {}
@@ -262,10 +263,10 @@ def run(args: argparse.Namespace) -> dict:
 
             try:
                 row[name] = time_variant(call, inputs, args.iters, args.warmup)
-                if m in args.profile_m and name in ("cutlass", "triton"):
+                if m in args.profile_m and name in ("cutlass", "triton", "cutlass_nopdl"):
                     row[name]["kernels_us"] = kernel_profile(call, inputs)
                     logger.info("M=%d %s kernels: %s", m, name, row[name]["kernels_us"])
-                if ref is not None and name in ("cutlass", "triton"):
+                if ref is not None:
                     out = call(x0, ids0, w0).float()
                     row[name]["max_abs_err"] = (out - ref).abs().max().item()
                     row[name]["rel_err"] = ((out - ref).norm() / ref.norm()).item()
@@ -367,6 +368,7 @@ def main() -> int:
     parser.add_argument("--check-max-m", type=int, default=4096, help="compare outputs with the reference up to this M")
     parser.add_argument("--profile-m", type=int, nargs="*", default=[1, 8, 64, 4096], help="per-kernel times at these M")
     parser.add_argument("--sweep-ctas-per-sm", type=int, nargs="*", default=[], help="extra cutlass variants")
+    parser.add_argument("--compare-stages", action="store_true", help="also time cutlass with one group per stage")
     parser.add_argument("--compare-pdl", action="store_true", help="also time cutlass without dependent launch")
     parser.add_argument("--sweep-max-tile", type=int, nargs="*", default=[], help="extra cutlass variants")
     args = parser.parse_args()

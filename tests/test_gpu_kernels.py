@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime.kernels import build
-from runtime.kernels.moe_shapes import ROUTINGS, SHAPES, TOKEN_COUNTS, random_experts, synthetic_moe
+from runtime.kernels.moe_shapes import ROUTINGS, SHAPES, TOKEN_COUNTS, MoEShape, random_experts, synthetic_moe
 from runtime.quant import numerics
 
 pytestmark = pytest.mark.gpu
@@ -95,6 +95,21 @@ def test_cutlass_is_deterministic_with_split_k():
     first = backend(case.x, *prepared, *args)
     for _ in range(3):
         assert torch.equal(backend(case.x, *prepared, *args), first)
+
+
+@pytest.mark.parametrize("groups_per_stage", [1, 2])
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_cutlass_odd_group_counts(m, groups_per_stage):
+    """K of 3 and 1 scale groups: with two groups per pipeline stage the last stage is half empty."""
+    from runtime.kernels.cutlass_moe import CutlassW4AFp8MoE
+
+    if build.cuda_unavailable_reason():
+        pytest.skip(build.cuda_unavailable_reason())
+    shape = MoEShape("odd_groups", 8, 8, 2, 384, 128, 128)
+    case = synthetic_moe(shape, m, "uniform", "cuda", seed=m)
+    backend = CutlassW4AFp8MoE(groups_per_stage=groups_per_stage)
+    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
+    _check(backend(case.x, *backend.prepare(*case.experts), *args), numerics.w4afp8_moe_ref(case.x, *case.experts, *args))
 
 
 @pytest.mark.parametrize("m", [1, 8, 300])

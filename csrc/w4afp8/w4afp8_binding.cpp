@@ -56,7 +56,8 @@ void route_and_quantize(const at::Tensor& x, const at::Tensor& topk_ids, const a
 void grouped_gemm(const at::Tensor& b, const c10::optional<at::Tensor>& b_rows, const at::Tensor& w, const at::Tensor& scales,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& next_scale, const at::Tensor& tiles,
                   const at::Tensor& num_tiles, const at::Tensor& out, const at::Tensor& workspace, const at::Tensor& counters,
-                  int64_t group, int64_t tile_tokens, int64_t n_per_cta, int64_t splits, bool pdl, bool prefetch_weights_early) {
+                  int64_t group, int64_t tile_tokens, int64_t n_per_cta, int64_t splits, int64_t groups_per_stage, bool pdl,
+                  bool prefetch_weights_early) {
   check_tensor(b, "activations", at::kFloat8_e4m3fn);
   check_tensor(w, "prepared weights", at::kByte);
   check_tensor(scales, "prepared scales", at::kBFloat16);
@@ -104,6 +105,7 @@ void grouped_gemm(const at::Tensor& b, const c10::optional<at::Tensor>& b_rows, 
   args.max_tiles = max_tiles;
   args.n_per_cta = static_cast<int>(n_per_cta);
   args.splits = static_cast<int>(splits);
+  args.groups_per_stage = static_cast<int>(groups_per_stage);
   args.swiglu = swiglu;
   args.pdl = pdl;
   args.prefetch_weights_early = prefetch_weights_early;
@@ -134,6 +136,10 @@ int64_t workspace_floats(int64_t max_tiles, int64_t n, int64_t tile_tokens, int6
   return static_cast<int64_t>(w4::gemm_workspace_floats(max_tiles, n, tile_tokens, splits));
 }
 
+int64_t groups_per_stage(int64_t group, int64_t tile_tokens, int64_t requested) {
+  return w4::gemm_groups_per_stage(static_cast<int>(group), static_cast<int>(tile_tokens), static_cast<int>(requested));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -142,4 +148,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm", &grouped_gemm);
   m.def("combine", &combine);
   m.def("workspace_floats", &workspace_floats);
+  m.def("groups_per_stage", &groups_per_stage);
 }

@@ -141,19 +141,23 @@ __global__ void __launch_bounds__(kRouteThreads) route_and_quantize_kernel(Route
 
 // ------------------------------------------------------------------------------------------ grouped GEMM
 
-template <int NT, int G>
+// SG: scale groups per pipeline stage. Small token tiles are bound by per-stage overhead (barrier, wgmma wait,
+// bookkeeping) rather than by the dot products; two groups per stage (one fp32 partial each) halve it.
+template <int NT, int G, int SG>
 struct GemmConfig {
-  static constexpr int kStages = NT <= 16 ? 5 : 4;  // small tiles: 8 CTAs per SM fit in shared memory
-  static constexpr int kKSteps = G / 32;                 // wgmma k32 steps per stage (= per group)
-  static constexpr int kABytes = kTileRows * G / 2;      // int4 weights per stage
-  static constexpr int kSBytes = kTileRows * 2;          // bf16 scales of the tile's 64 rows for one group
-  static constexpr int kBBytes = NT * G;                 // fp8 activations per stage
+  static constexpr int kGroupsPerStage = SG;
+  static constexpr int kStageK = G * kGroupsPerStage;     // K per stage
+  static constexpr int kStages = kGroupsPerStage == 2 ? 3 : (NT <= 16 ? 5 : 4);  // about 16 KB in flight per CTA
+  static constexpr int kKSteps = G / 32;                 // wgmma k32 steps per group
+  static constexpr int kABytes = kTileRows * kStageK / 2;  // int4 weights per stage
+  static constexpr int kSBytes = kTileRows * 2 * kGroupsPerStage;  // bf16 scales of the tile's rows per stage
+  static constexpr int kBBytes = NT * kStageK;           // fp8 activations per stage
   // All A stages, then all B stages, then the scales: every B stage stays aligned for its swizzle atom.
   static constexpr int kSmemBytes = kStages * (kABytes + kBBytes + kSBytes) + 1024;  // + alignment slack
   static constexpr int kAcc = NT / 2;                    // fp32 accumulators per thread
   using SmemAtomB = std::conditional_t<G == 128, GMMA::Layout_K_SW128_Atom<float_e4m3_t>,
                                        GMMA::Layout_K_SW64_Atom<float_e4m3_t>>;
-  using SmemLayoutB = decltype(tile_to_shape(SmemAtomB{}, Shape<Int<NT>, Int<G>, Int<kStages>>{}));
+  using SmemLayoutB = decltype(tile_to_shape(SmemAtomB{}, Shape<Int<NT>, Int<kStageK>, Int<kStages>>{}));
   static_assert(decltype(cosize(SmemLayoutB{}))::value == kStages * kBBytes, "B stages are contiguous");
   using TiledMma = decltype(make_tiled_mma(
       GMMA::rs_op_selector<float_e4m3_t, float_e4m3_t, float, Shape<_64, Int<NT>, Int<G>>,
@@ -161,9 +165,9 @@ struct GemmConfig {
   static_assert(kABytes % 1024 == 0 && kBBytes % 512 == 0, "stage sections must keep the swizzle alignment");
 };
 
-template <int NT, int G, bool kSwiGLU>
+template <int NT, int G, int SG, bool kSwiGLU>
 __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs p) {
-  using Cfg = GemmConfig<NT, G>;
+  using Cfg = GemmConfig<NT, G, SG>;
   constexpr int kStages = Cfg::kStages;
   const int tile = blockIdx.x;
   allow_next_kernel_launch();
@@ -176,10 +180,12 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   const int n_tiles = p.N / kTileRows;
   const int nt_begin = blockIdx.y * p.n_per_cta;
   const int nt_count = min(p.n_per_cta, n_tiles - nt_begin);
+  constexpr int kSG = Cfg::kGroupsPerStage;
   const int groups = p.K / G;
-  const int per_split = (groups + p.splits - 1) / p.splits;
-  const int g_begin = blockIdx.z * per_split;
-  const int g_count = min(groups, g_begin + per_split) - g_begin;
+  const int stages_per_tile = (groups + kSG - 1) / kSG;  // an odd last group leaves the stage's second half empty
+  const int per_split = (stages_per_tile + p.splits - 1) / p.splits;
+  const int g_begin = blockIdx.z * per_split;  // first stage of this split (in stages of kSG groups)
+  const int g_count = min(stages_per_tile, g_begin + per_split) - g_begin;
   const int iters = nt_count * g_count;
 
   extern __shared__ uint8_t smem_raw[];
@@ -189,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   uint8_t* smem_b = smem + kStages * Cfg::kABytes;                     // kStages x fp8 activations (swizzled)
   uint8_t* smem_s = smem + kStages * (Cfg::kABytes + Cfg::kBBytes);    // kStages x 64 bf16 scales
 
-  // Stage sources advance by one scale group, then to the next weight tile: no divisions in the loop.
+  // Stage sources advance by one stage (kSG scale groups), then to the next weight tile: no divisions in the loop.
   struct Cursor {
     int nt, g;
   };
@@ -203,11 +209,17 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   const uint8_t* a_thread = p.w + static_cast<size_t>(expert) * n_tiles * a_tile_bytes + tid * 16;
   const uint16_t* s_expert = p.scales + static_cast<size_t>(expert) * groups * p.N + tid * 8;
   auto load_weights = [&](int s, Cursor c) {
-    const uint8_t* a_src = a_thread + c.nt * a_tile_bytes + static_cast<size_t>(c.g) * (G / 64) * 2048;
 #pragma unroll
-    for (int j = 0; j < G / 64; ++j) cp_async_16(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16, a_src + j * 2048, true);
-    if (tid < Cfg::kSBytes / 16)
-      cp_async_16(smem_s + s * Cfg::kSBytes + tid * 16, s_expert + static_cast<size_t>(c.g) * p.N + c.nt * kTileRows, true);
+    for (int h = 0; h < kSG; ++h) {
+      const int g = c.g * kSG + h;
+      if (kSG > 1 && g >= groups) break;
+      const uint8_t* a_src = a_thread + c.nt * a_tile_bytes + static_cast<size_t>(g) * (G / 64) * 2048;
+#pragma unroll
+      for (int j = 0; j < G / 64; ++j)
+        cp_async_16(smem_a + s * Cfg::kABytes + ((h * (G / 64) + j) * kThreads + tid) * 16, a_src + j * 2048, true);
+      if (tid < kTileRows * 2 / 16)
+        cp_async_16(smem_s + s * Cfg::kSBytes + h * kTileRows * 2 + tid * 16, s_expert + static_cast<size_t>(g) * p.N + c.nt * kTileRows, true);
+    }
   };
   // Prologue, part 1: weights and scales of the first stages (one cp.async group), possibly before the wait.
   Cursor cursor{nt_begin, g_begin};
@@ -219,26 +231,35 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   cute::cp_async_fence();
   if (p.prefetch_weights_early) wait_for_previous_kernel();
 
-  // Which activation pieces (16 B) this thread copies each stage, and from where.
+  // Which activation pieces (16 B) of one group this thread copies each stage, and from where.
   constexpr int kBPieces = NT * G / 16;
   constexpr int kBPerThread = (kBPieces + kThreads - 1) / kThreads;
   const uint8_t* b_src[kBPerThread];
-  int b_dst[kBPerThread];
+  int b_dst[kSG][kBPerThread];
 #pragma unroll
   for (int i = 0; i < kBPerThread; ++i) {
     const int piece = tid + i * kThreads;
     const int r = piece / (G / 16), col = (piece % (G / 16)) * 16;
-    b_dst[i] = piece < kBPieces ? static_cast<int>(typename Cfg::SmemLayoutB{}(r, col, 0)) : -1;
+#pragma unroll
+    for (int h = 0; h < kSG; ++h)
+      b_dst[h][i] = piece < kBPieces ? static_cast<int>(typename Cfg::SmemLayoutB{}(r, h * G + col, 0)) : -1;
     b_src[i] = nullptr;
     if (piece < kBPieces && r < nrows) {
       const int src_row = p.b_rows ? p.b_rows[row0 + r] : row0 + r;
       b_src[i] = p.b + static_cast<size_t>(src_row) * p.K + col;
     }
   }
-  auto load_activations = [&](int s, int g) {
+  // A group past K (odd group count) gets zero activations: its partial is exactly zero.
+  auto load_activations = [&](int s, int stage) {
 #pragma unroll
-    for (int i = 0; i < kBPerThread; ++i)
-      if (b_dst[i] >= 0) cp_async_16(smem_b + s * Cfg::kBBytes + b_dst[i], b_src[i] ? b_src[i] + g * G : p.b, b_src[i] != nullptr);
+    for (int h = 0; h < kSG; ++h) {
+      const int g = stage * kSG + h;
+#pragma unroll
+      for (int i = 0; i < kBPerThread; ++i) {
+        const bool valid = b_src[i] != nullptr && (kSG == 1 || g < groups);
+        if (b_dst[h][i] >= 0) cp_async_16(smem_b + s * Cfg::kBBytes + b_dst[h][i], valid ? b_src[i] + g * G : p.b, valid);
+      }
+    }
   };
   // Prologue, part 2: activations of the first stages, one group each (so group it+1 completes stage it).
   {
@@ -261,8 +282,9 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<float_e4m3_t*>(smem_b)), typename Cfg::SmemLayoutB{});
   Tensor tCrB = thr.partition_fragment_B(sB);  // wgmma descriptors (MMA, 1, k-steps, stages)
   Tensor accum = partition_fragment_C(mma, Shape<_64, Int<NT>>{});
-  Tensor partial = partition_fragment_C(mma, Shape<_64, Int<NT>>{});
-  Tensor tCrA = make_tensor<float_e4m3_t>(partition_shape_A(mma, Shape<_64, Int<G>>{}));
+  Tensor partial = partition_fragment_C(mma, Shape<_64, Int<NT>>{});   // first group of the stage
+  Tensor partial2 = partition_fragment_C(mma, Shape<_64, Int<NT>>{});  // second group (kSG == 2)
+  Tensor tCrA = make_tensor<float_e4m3_t>(partition_shape_A(mma, Shape<_64, Int<Cfg::kStageK>>{}));
   uint32_t* a_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tCrA.data()));
   static_assert(decltype(size(accum))::value == Cfg::kAcc, "accumulator fragment size");
 
@@ -283,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
 
     // int4 -> e4m3 into the A fragment: word (step, half) holds rows (r, r+8) x 4 k of one register pair.
 #pragma unroll
-    for (int j = 0; j < G / 64; ++j) {
+    for (int j = 0; j < Cfg::kStageK / 64; ++j) {
       const uint4 v = *reinterpret_cast<const uint4*>(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16);
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -294,9 +316,9 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
       }
     }
     const uint16_t* sc = reinterpret_cast<const uint16_t*>(smem_s + s * Cfg::kSBytes);
-    const float scale_lo = bf16_bits_to_float(sc[my_row]), scale_hi = bf16_bits_to_float(sc[my_row + 8]);
 
     warpgroup_fence_operand(partial);
+    if constexpr (kSG == 2) warpgroup_fence_operand(partial2);
     warpgroup_arrive();
     mma.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
@@ -304,11 +326,30 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
       cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k, s), partial);
       mma.accumulate_ = GMMA::ScaleOut::One;
     }
+    if constexpr (kSG == 2) {
+      mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int k = Cfg::kKSteps; k < 2 * Cfg::kKSteps; ++k) {
+        cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k, s), partial2);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+    }
     warpgroup_commit_batch();
     warpgroup_wait<0>();
     warpgroup_fence_operand(partial);
+    {
+      const float lo = bf16_bits_to_float(sc[my_row]), hi = bf16_bits_to_float(sc[my_row + 8]);
 #pragma unroll
-    for (int i = 0; i < Cfg::kAcc; ++i) accum(i) += ((i / 2) % 2 ? scale_hi : scale_lo) * partial(i);
+      for (int i = 0; i < Cfg::kAcc; ++i) accum(i) += ((i / 2) % 2 ? hi : lo) * partial(i);
+    }
+    if constexpr (kSG == 2) {
+      warpgroup_fence_operand(partial2);
+      if (use_g * 2 + 1 < groups) {  // the second group exists (stale scales of a missing one are never read)
+        const float lo = bf16_bits_to_float(sc[kTileRows + my_row]), hi = bf16_bits_to_float(sc[kTileRows + my_row + 8]);
+#pragma unroll
+        for (int i = 0; i < Cfg::kAcc; ++i) accum(i) += ((i / 2) % 2 ? hi : lo) * partial2(i);
+      }
+    }
 
     s = s == kStages - 1 ? 0 : s + 1;
     const int nt = use_nt;
@@ -378,10 +419,26 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   }
 }
 
+// Two groups per stage exist for 128-wide groups and token tiles up to 32 (few instantiations).
+constexpr bool has_two_group_stages(int nt, int g) { return g == 128 && nt <= 32; }
+template <int NT, int G>
+constexpr bool kHasTwoGroupStages = has_two_group_stages(NT, G);
+
 template <int NT, int G, bool kSwiGLU>
 cudaError_t launch_gemm(const GemmArgs& p, cudaStream_t stream) {
-  using Cfg = GemmConfig<NT, G>;
-  auto kernel = w4afp8_grouped_gemm_kernel<NT, G, kSwiGLU>;
+  if constexpr (kHasTwoGroupStages<NT, G>) {
+    if (p.groups_per_stage == 2) {
+      using Cfg = GemmConfig<NT, G, 2>;
+      auto kernel = w4afp8_grouped_gemm_kernel<NT, G, 2, kSwiGLU>;
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+      if (err != cudaSuccess) return err;
+      const dim3 grid(p.max_tiles, (p.N / kTileRows + p.n_per_cta - 1) / p.n_per_cta, p.splits);
+      const cudaError_t launched = launch(kernel, grid, kThreads, Cfg::kSmemBytes, stream, p.pdl, p);
+      return launched != cudaSuccess ? launched : cudaGetLastError();
+    }
+  }
+  using Cfg = GemmConfig<NT, G, 1>;
+  auto kernel = w4afp8_grouped_gemm_kernel<NT, G, 1, kSwiGLU>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int n_tiles = p.N / kTileRows;
@@ -469,5 +526,9 @@ size_t gemm_workspace_floats(int max_tiles, int N, int tile_tokens, int splits) 
 }
 
 size_t gemm_counter_ints(int max_tiles, int N) { return static_cast<size_t>(max_tiles) * (N / kTileRows); }
+
+int gemm_groups_per_stage(int group, int tile_tokens, int requested) {
+  return requested == 2 && has_two_group_stages(tile_tokens, group) ? 2 : 1;
+}
 
 }  // namespace evalpipe::w4afp8

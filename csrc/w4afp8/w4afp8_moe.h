@@ -38,6 +38,7 @@ struct GemmArgs {
   float* workspace;          // split-K partial sums (splits > 1)
   int* counters;             // split-K arrival counters, zero on entry, left zero on exit
   int N, K, group, tile_tokens, max_tiles, n_per_cta, splits;
+  int groups_per_stage;          // 1 or 2 (see gemm_groups_per_stage)
   bool swiglu;
   bool pdl;                      // launch as a programmatic dependent of the previous kernel
   bool prefetch_weights_early;   // the tile list predates the previous kernel: load weights before waiting on it
@@ -60,5 +61,8 @@ cudaError_t combine(const CombineArgs& args, cudaStream_t stream);
 // Bytes of split-K workspace (floats) and counters (ints) a grouped_gemm call with these arguments needs.
 size_t gemm_workspace_floats(int max_tiles, int N, int tile_tokens, int splits);
 size_t gemm_counter_ints(int max_tiles, int N);
+// Scale groups per pipeline stage the kernel uses for (group, tile_tokens) when `requested` (1 or 2) are asked
+// for; split-K splits whole stages, so the host plans with this value.
+int gemm_groups_per_stage(int group, int tile_tokens, int requested);
 
 }  // namespace evalpipe::w4afp8

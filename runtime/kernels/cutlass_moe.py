@@ -40,9 +40,14 @@ class GemmPlan:
     splits: int  # split-K factor (partials summed in a fixed order by the last CTA)
 
 
-def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_per_sm: int = CTAS_PER_SM) -> GemmPlan:
-    """Work split for one grouped GEMM: long K per CTA for short-K GEMMs, split K when CTAs are too few."""
+def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_per_sm: int = CTAS_PER_SM,
+              groups_per_stage: int = 1) -> GemmPlan:
+    """Work split for one grouped GEMM: long K per CTA for short-K GEMMs, split K when CTAs are too few.
+
+    The kernel consumes `groups_per_stage` scale groups per pipeline stage; splits cover whole stages.
+    """
     n_tiles, groups = n // TILE_ROWS, k // group
+    stages = math.ceil(groups / groups_per_stage)
     target = ctas_per_sm * sm_count
     n_per_cta = 1
     while (
@@ -53,9 +58,9 @@ def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_
         n_per_cta *= 2
     ctas = token_tiles * math.ceil(n_tiles / n_per_cta)
     splits = 1
-    if ctas < target and groups > 1:
-        splits = min(groups, math.ceil(target / ctas))
-        splits = math.ceil(groups / math.ceil(groups / splits))  # every split gets at least one group
+    if ctas < target and stages > 1:
+        splits = min(stages, math.ceil(target / ctas))
+        splits = math.ceil(stages / math.ceil(stages / splits))  # every split gets at least one stage
     return GemmPlan(n_per_cta, splits)
 
 
@@ -79,12 +84,15 @@ class CutlassW4AFp8MoE:
 
     name = "cutlass"
 
-    def __init__(self, ctas_per_sm: int | None = None, token_tiles: tuple[int, ...] = TOKEN_TILES, pdl: bool = True) -> None:
+    def __init__(self, ctas_per_sm: int | None = None, token_tiles: tuple[int, ...] = TOKEN_TILES, pdl: bool = True,
+                 groups_per_stage: int = 2) -> None:
         self.ctas_per_sm = ctas_per_sm  # None: CTAS_PER_SM, or CTAS_PER_SM_SINGLE_TOKEN for one token
         self.token_tiles = token_tiles
         # Programmatic dependent launch: each kernel starts while the previous one drains (the down GEMM
         # prefetches its weights meanwhile). Off: plain stream order.
         self.pdl = pdl
+        # Scale groups per pipeline stage for small token tiles (the kernel uses 1 where it has no 2).
+        self.groups_per_stage = groups_per_stage
         self._scratch = _Scratch()
 
     def prepare(self, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor) -> PreparedExperts:
@@ -144,8 +152,10 @@ class CutlassW4AFp8MoE:
         group1 = hidden // w13_scale.shape[1]
         group2 = inter // w2_scale.shape[1]
         ctas_per_sm = self.ctas_per_sm or (CTAS_PER_SM_SINGLE_TOKEN if m == 1 else CTAS_PER_SM)
-        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm)
-        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, ctas_per_sm)
+        stage1 = ext.groups_per_stage(group1, tile, self.groups_per_stage)
+        stage2 = ext.groups_per_stage(group2, tile, self.groups_per_stage)
+        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm, stage1)
+        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, ctas_per_sm, stage2)
         ws_floats = max(ext.workspace_floats(max_tiles, n, tile, p.splits) if p.splits > 1 else 0
                         for n, p in ((2 * inter, plan1), (hidden, plan2)))
         counter_ints = max_tiles * max(2 * inter, hidden) // TILE_ROWS
@@ -153,9 +163,9 @@ class CutlassW4AFp8MoE:
 
         y = torch.empty(pairs, inter, dtype=FP8_DTYPE, device=dev)
         ext.grouped_gemm(xq, row_token, w13, w13_scale, a1t, a2t, tiles, num_tiles, y, workspace, counters,
-                         group1, tile, plan1.n_per_cta, plan1.splits, self.pdl, False)
+                         group1, tile, plan1.n_per_cta, plan1.splits, stage1, self.pdl, False)
         z = torch.empty(pairs, hidden, dtype=torch.bfloat16, device=dev)
         ext.grouped_gemm(y, None, w2, w2_scale, a2t, None, tiles, num_tiles, z, workspace, counters,
-                         group2, tile, plan2.n_per_cta, plan2.splits, self.pdl, True)
+                         group2, tile, plan2.n_per_cta, plan2.splits, stage2, self.pdl, True)
         ext.combine(z, src2dst, topk_weights.float().contiguous(), float(routed_scaling_factor), out, self.pdl)
         return out
