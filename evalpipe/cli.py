@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from evalpipe import compare_cli, orchestrator_cli
+
 app = typer.Typer(
     name="evalpipe",
     help="Accuracy gate for quantized MoE models: evaluate, compare against a baseline, serve.",
@@ -14,6 +16,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+orchestrator_cli.register(app)
+compare_cli.register(app)
 
 
 def main() -> None:
