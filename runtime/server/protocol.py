@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI API (the fields we serve), and their translation into SamplingParams.
 
-Types are checked by pydantic; value ranges by SamplingParams and the engine, so each rule lives in one place.
+Types (and the choice count) are checked by pydantic; generation settings by SamplingParams and the engine, so each
+rule lives in one place.
 Unknown fields are ignored, as OpenAI clients send extras (user, metadata, ...) that do not affect generation.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -29,7 +30,7 @@ class _GenerationRequest(_Body):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM/SGLang)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
@@ -42,8 +43,6 @@ class _GenerationRequest(_Body):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                         choice: int) -> SamplingParams:
-        if not 1 <= self.n <= MAX_CHOICES:
-            raise InvalidRequestError("n", f"must be between 1 and {MAX_CHOICES}, got {self.n}")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0.0):
                 raise InvalidRequestError(name, "is not supported by this server (only 0)")
