@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from runtime.server.cli import serve
+
 app = typer.Typer(
     name="evalpipe",
     help="Accuracy gate for quantized MoE models: evaluate, compare against a baseline, serve.",
@@ -14,6 +16,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.command("serve")(serve)
 
 
 def main() -> None:
