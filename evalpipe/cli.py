@@ -17,6 +17,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _commands() -> None:
+    # A callback keeps `evalpipe <command>` a command group even while only one command is registered.
+    pass
+
+
 app.command("serve")(serve)
 
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from runtime.models import load_model
 from runtime.server.app import create_app
 from runtime.server.launch import EngineOptions, build_engine, build_state
+from runtime.testing.checkpoints import TransformersReference, tiny_chat_model_dir
 from runtime.testing.server_thread import serve_in_thread
-from runtime.testing.tiny_lm import TinyConfig, TinyGQALM
-from runtime.testing.tokenizer import smollm2_tokenizer_dir
 
 LMEVAL_PYTHON = os.environ.get("EVALPIPE_LMEVAL_PYTHON", "")
 pytestmark = [
@@ -40,9 +40,9 @@ GEN_DOCS = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "Name a 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tok_dir = smollm2_tokenizer_dir(tmp_path_factory.getbasetemp())
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = TinyGQALM(TinyConfig(vocab_size=len(tokenizer)))
+    model_dir = tiny_chat_model_dir(tmp_path_factory.getbasetemp())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, _ = load_model(model_dir, dtype="float32")
     options = EngineOptions(max_model_len=512, max_num_seqs=8, kv_cache_gib=0.01)
     engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
     state = build_state(engine, "tiny")
@@ -72,7 +72,7 @@ def setup(tmp_path_factory):
         metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
         """))
     with serve_in_thread(create_app(state)) as url:
-        yield url, work, tok_dir, tokenizer, model
+        yield url, work, model_dir, tokenizer, TransformersReference(model_dir)
     state.engine.shutdown()
 
 
@@ -87,8 +87,8 @@ def run_lm_eval(work, model_type: str, model_args: str, task: str, *extra: str) 
     return [json.loads(line) for line in samples.read_text().splitlines()]
 
 
-def test_local_completions_loglikelihoods_equal_a_cache_free_forward(setup):
-    url, work, tok_dir, tokenizer, model = setup
+def test_local_completions_loglikelihoods_equal_transformers_forward(setup):
+    url, work, tok_dir, tokenizer, reference = setup
     samples = run_lm_eval(work, "local-completions",
                           f"model=tiny,base_url={url}/v1/completions,num_concurrent=2,max_retries=1,"
                           f"tokenizer_backend=huggingface,tokenizer={tok_dir}", "evalpipe_smoke_mc")
@@ -100,7 +100,7 @@ def test_local_completions_loglikelihoods_equal_a_cache_free_forward(setup):
             # lm-eval's own split: context tokens, then the rest of the tokenized whole string.
             ctx = tokenizer.encode(context)
             whole = tokenizer.encode(context + continuation)
-            ref = torch.log_softmax(model.reference_logits(whole), -1)
+            ref = reference.logprobs(whole)
             positions = range(len(ctx), len(whole))
             expected = sum(ref[p - 1, whole[p]].item() for p in positions)
             assert float(loglik) == pytest.approx(expected, abs=1e-3)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from runtime.models import load_model
 from runtime.server.app import create_app
 from runtime.server.launch import EngineOptions, build_engine, build_state
 from runtime.server.tokenizer import render_chat
+from runtime.testing.checkpoints import TransformersReference, smollm2_tokenizer_dir, tiny_chat_model_dir
 from runtime.testing.scripted_lm import ScriptedLM
 from runtime.testing.server_thread import serve_in_thread
-from runtime.testing.tiny_lm import TinyConfig, TinyGQALM
-from runtime.testing.tokenizer import smollm2_tokenizer_dir
 
 MAX_MODEL_LEN = 256
 API_KEY = "test-key"
@@ -32,19 +32,24 @@ THINK_OUTPUT = "Six sevens: 42.\n</think>\n\nThe answer is 42."
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(tmp_path_factory.getbasetemp()))
+def model_dir(tmp_path_factory):
+    return tiny_chat_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer):
-    """(base url, model) of a server with a random tiny GQA model, no API key."""
-    model = TinyGQALM(TinyConfig(vocab_size=len(tokenizer)))
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir, tokenizer):
+    """(base url, transformers reference) of a server with a tiny random Mixtral in fp32, no API key."""
+    model, _ = load_model(model_dir, dtype="float32")
     options = EngineOptions(max_model_len=MAX_MODEL_LEN, max_num_seqs=16, max_num_batched_tokens=64, kv_cache_gib=0.01)
     engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
     state = build_state(engine, "tiny")
     with serve_in_thread(create_app(state)) as url:
-        yield url, model
+        yield url, TransformersReference(model_dir)
     state.engine.shutdown()
 
 
@@ -118,7 +123,7 @@ def test_chat_streaming_equals_non_streaming_and_reports_usage(tiny, tokenizer):
 
 
 def test_completion_echo_logprobs_match_a_direct_full_sequence_forward(tiny, tokenizer):
-    url, model = tiny
+    url, reference = tiny
     prompt = "The teacher forced probe scores every prompt token of this sentence."
     r = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True,
                                        logprobs=3)
@@ -128,14 +133,14 @@ def test_completion_echo_logprobs_match_a_direct_full_sequence_forward(tiny, tok
     assert len(lp.tokens) == len(ids) + 2
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     generated = tokenizer.encode(r.choices[0].text[len(prompt):], add_special_tokens=False)
-    ref = torch.log_softmax(model.reference_logits(ids + generated[:1]), -1)
+    ref = reference.logprobs(ids + generated[:1])
     for p in range(1, len(ids)):
-        assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-4)
+        assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-3)
         top = ref[p - 1].topk(3)
-        assert list(lp.top_logprobs[p].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
-        assert list(lp.top_logprobs[p]) == [tokenizer.decode([t]) for t in top.indices.tolist()]
+        assert list(lp.top_logprobs[p].values()) == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert list(lp.top_logprobs[p])[0] == tokenizer.decode([top.indices[0].item()])
     # The generated token after the prompt is the greedy one, with the model's logprob.
-    assert lp.token_logprobs[len(ids)] == pytest.approx(ref[len(ids) - 1].max().item(), abs=1e-4)
+    assert lp.token_logprobs[len(ids)] == pytest.approx(ref[len(ids) - 1].max().item(), abs=1e-3)
     assert lp.text_offset[1] == len(lp.tokens[0])
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.model_api import CausalLM, ForwardBatch
+from runtime.standalone import allocate_kv_caches
 
 # Prompt-logprob rows turned into logits at once: bounds the [rows, vocab] fp32 temporary.
 _PROMPT_LOGPROB_ROWS_PER_CHUNK = 256
@@ -41,14 +42,10 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device):
-        spec = model.kv_cache_spec()
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = [
-            torch.zeros((num_blocks * block_size, *spec.token_shape), dtype=spec.dtype, device=device)
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, device)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
