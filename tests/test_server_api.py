@@ -322,3 +322,40 @@ def test_api_key_is_required_when_configured(scripted, headers, status):
         if status == 401:
             assert resp.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{scripted}/health").status_code == 200  # health stays open for probes
+
+
+def test_rejections_are_counted_by_status(tiny):
+    url, _ = tiny
+    before = metric(url, 'evalpipe_rejected_requests_total{status="400"}')
+    resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert resp.status_code == 400
+    assert metric(url, 'evalpipe_rejected_requests_total{status="400"}') == before + 1
+
+
+class BrokenLM(ScriptedLM):
+    """Fails on its fourth step, as a crashed kernel or a lost rank would."""
+
+    calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.calls == 4:
+            raise RuntimeError("simulated device failure")
+        return super().forward(batch)
+
+
+def test_a_dead_engine_fails_fast_with_503_and_bad_health(tokenizer):
+    model = BrokenLM(len(tokenizer), [], default_token=tokenizer.encode(" a")[0])
+    options = EngineOptions(max_model_len=128, kv_cache_gib=0.001)
+    state = build_state(build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu")), "m")
+    body = {"model": "m", "prompt": "go", "max_tokens": 20, "ignore_eos": True}
+    with serve_in_thread(create_app(state)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert "choices" in events[0]  # tokens flowed before the failure ...
+        assert events[-1]["error"]["type"] == "service_unavailable"  # ... then the stream ended with the error
+        assert "simulated device failure" in events[-1]["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "simulated device failure" in health.json()["error"]
+        later = httpx.post(f"{url}/v1/completions", json=body)
+        assert later.status_code == 503 and later.json()["error"]["type"] == "service_unavailable"
