@@ -18,7 +18,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _commands() -> None:
     # A callback keeps `evalpipe <command>` a command group even while only one command is registered.
