@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from evalpipe import orchestrator_cli
 from runtime.server.cli import serve
 
 app = typer.Typer(
@@ -17,13 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-@app.callback()
-def _commands() -> None:
-    # A callback keeps `evalpipe <command>` a command group even while only one command is registered.
-    pass
-
-
+orchestrator_cli.register(app)
 app.command("serve")(serve)
 
 

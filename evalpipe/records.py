@@ -45,6 +45,8 @@ class SampleRecord(BaseModel):
     outcome: Outcome
     error: str | None = None
     replica: str | None = None
+    prompt_hash: str | None = Field(default=None, description="sha256 prefix of the exact messages sent")
+    labels: dict[str, str] = Field(default_factory=dict, description="question labels for breakdowns, e.g. subject")
 
     @property
     def key(self) -> tuple[str, str, int]:

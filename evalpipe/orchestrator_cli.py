@@ -1,0 +1,130 @@
+"""`evalpipe run` and `evalpipe tasks`: the orchestrator's commands.
+
+User mistakes (UserError) are printed on one line on stderr and exit with their code (2 input, 3 endpoint);
+stdout carries only the intended output, and `run` ends it with the run directory's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from evalpipe.cards import available_tasks, load_card
+from evalpipe.config import RunConfig
+from evalpipe.errors import UserError
+from evalpipe.plan import TaskPlan
+from evalpipe.report import plan_table, results_table
+from evalpipe.runner import data_source, execute_run, plan_from_config
+
+log = logging.getLogger("evalpipe")
+# Wide tables when piped to a file or another program; the terminal width otherwise.
+stdout = Console(width=None if sys.stdout.isatty() else 180)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
+    )
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe run
+
+
+def run(
+    config: Annotated[Path, typer.Argument(help="run config (YAML), e.g. configs/smoke.yaml")],
+    resume: Annotated[Path | None, typer.Option("--resume", help="run directory to complete")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and token budget; send nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="live progress bars on stderr")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Evaluate the config's candidate endpoint on its tasks; print the results and, last, the run dir."""
+    setup_logging(verbose)
+    run_config, plans = plan_from_config(config)
+    if dry_run:
+        print_plan(run_config, plans)
+        return
+    if resume is not None and not resume.is_dir():
+        raise UserError(f"--resume: no such run directory: {resume}")
+    try:
+        result = asyncio.run(execute_run(run_config, plans, str(config), resume, progress and sys.stderr.isatty()))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)
+        raise typer.Exit(130) from None
+    for side, (summary, _) in result.sides.items():
+        stdout.print(results_table(summary, side))
+    for warning in result.warnings:
+        log.warning(warning)
+    if result.exit_code:
+        log.error("every request failed; see the error fields in the journal")
+    stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
+    spec = config.candidate
+    stdout.print(f"config {config.name}: candidate '{spec.label}' model {spec.model} at {', '.join(spec.base_url)}")
+    stdout.print(f"data: {data_source(config)}; concurrency {config.concurrency}; "
+                 f"streaming {'on' if config.client.stream else 'off'}")
+    stdout.print(plan_table(plans))
+    requests = sum(len(p.requests) for p in plans)
+    budget = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
+    stdout.print(f"total: {requests:,} requests, at most {budget:,} completion tokens per side")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe tasks
+
+
+def tasks(
+    name: Annotated[str | None, typer.Argument(help="show this card as hashed (its score-moving fields)")] = None,
+) -> None:
+    """List the protocol cards with their card_hash (or show one card's hashed fields)."""
+    if name:
+        card = load_card(name)
+        stdout.print(f"# {card.name} card_hash {card.card_hash}", highlight=False)
+        stdout.print(yaml.safe_dump(card.hashed_view(), sort_keys=False, allow_unicode=True), highlight=False)
+        return
+    table = Table(title="protocol cards (tasks/)")
+    for column in ("task", "card_hash", "hub dataset @ revision", "local files", "samples", "max_tokens",
+                   "temperature", "top_p", "answer", "extraction ladder"):
+        table.add_column(column)
+    for task_name in available_tasks():
+        card = load_card(task_name)
+        hub, s = card.dataset.hub, card.sampling
+        table.add_row(card.name, card.card_hash, f"{hub.path}@{hub.revision[:12]}", str(len(card.dataset.local.files)),
+                      str(s.samples), str(s.max_tokens), f"{s.temperature:g}", f"{s.top_p:g}",
+                      card.scoring.answer_type, " > ".join(card.scoring.extract))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(user_errors(run))
+    app.command("tasks")(user_errors(tasks))

@@ -1,0 +1,266 @@
+"""Reasoning-aware answer extraction and grading: pure functions from a response to an outcome.
+
+Only the visible answer is scored: `message.content`, cut after the last `</think>` when the server left the
+thinking in it. The card names an extraction ladder (rules below, tried in order, first hit wins) and an answer
+type (grader). Every scored sample records the rule that fired; `none` when no rule found an answer.
+
+Bump SCORING_VERSION whenever a change here can change an outcome: it is part of every card hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evalpipe.records import Outcome
+
+SCORING_VERSION = 1
+
+NO_RULE = "none"
+# Longer predictions are compared as strings only: symbolic parsing of huge expressions can hang.
+MAX_SYMBOLIC_CHARS = 400
+MATH_VERIFY_TIMEOUT_S = 5
+
+Rule = Callable[[str, str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Score:
+    extracted: str | None
+    rule: str
+    outcome: Outcome
+
+
+def visible_answer(content: str | None) -> str:
+    """The part of the content a reader sees: after the last `</think>`; nothing if thinking never closed."""
+    if not content:
+        return ""
+    if "</think>" in content:
+        return content.rsplit("</think>", 1)[1]
+    if "<think>" in content:
+        return ""
+    return content
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Extraction rules. Each takes (visible text, valid letters) and returns the answer string or None.
+
+
+def _braced(text: str, open_at: int) -> str | None:
+    """Content of the brace group starting at text[open_at] == '{', honouring nesting; None if unbalanced."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        ch = text[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i]
+    return None
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+
+
+def _last_boxed(text: str) -> str | None:
+    for match in reversed(list(_BOXED.finditer(text))):
+        if match.group(1):
+            inner = _braced(text, match.start(1))
+        else:  # `\boxed 5`: one bare token
+            token = re.match(r"[^\s$]+", text[match.end() :])
+            inner = token.group(0) if token else None
+        if inner is not None and inner.strip():
+            return inner.strip()
+    return None
+
+
+def rule_boxed_last(text: str, letters: str) -> str | None:
+    """Last `\\boxed{...}` (or `\\fbox{...}`), nested braces kept."""
+    return _last_boxed(text)
+
+
+_ANSWER_LINE = re.compile(r"\b(?i:final\s+answer|answer)\b[*_]*\s*(?:(?i:is)\b\s*:?|[:：])\s*[*_]*\s*(.+)")
+
+
+def rule_answer_line(text: str, letters: str) -> str | None:
+    """Math fallback: the rest of the line after the last 'answer is' / 'Answer:'."""
+    for match in reversed(list(_ANSWER_LINE.finditer(text))):
+        value = match.group(1).strip().strip("*_ ").rstrip(".").strip()
+        value = value.strip("$").strip()
+        value = re.sub(r"^\\[(\[]|\\[)\]]$", "", value).strip().rstrip(".").strip()
+        if value:
+            return value
+    return None
+
+
+def _mc_text(text: str) -> str:
+    # NFKC maps full-width letters and colons to ASCII; only multiple choice uses it (it would corrupt LaTeX).
+    return unicodedata.normalize("NFKC", text)
+
+
+_LETTER_AFTER_MARKER = re.compile(
+    r"[\s*_$(\[{]*(?:\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{[\s(\[]*)*([A-Z])(?![A-Za-z0-9])"
+)
+_MARKER = re.compile(r"(?i:answer)\s*[*_]*\s*:")
+
+
+def _letter_after(text: str, start: int, letters: str) -> str | None:
+    match = _LETTER_AFTER_MARKER.match(text, start)
+    if match and match.group(1) in letters:
+        return match.group(1)
+    return None
+
+
+def _last_letter_after(pattern: re.Pattern[str], text: str, letters: str) -> str | None:
+    """The option letter after the last match of `pattern` that is followed by one."""
+    text = _mc_text(text)
+    for match in reversed(list(pattern.finditer(text))):
+        letter = _letter_after(text, match.end(), letters)
+        if letter:
+            return letter
+    return None
+
+
+def rule_mc_answer_marker(text: str, letters: str) -> str | None:
+    """Last 'Answer: X' whose X is a valid option letter (an echoed 'Answer: $LETTER' is skipped)."""
+    return _last_letter_after(_MARKER, text, letters)
+
+
+def rule_mc_boxed(text: str, letters: str) -> str | None:
+    """Last `\\boxed{...}` whose content is an option letter, e.g. `\\boxed{\\text{(B)}}` or `\\boxed{B) 4}`."""
+    inner = _last_boxed(_mc_text(text))
+    if inner is None:
+        return None
+    stripped = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{", "", inner).replace("}", "")
+    match = re.match(r"[\s(\[*$]*([A-Z])(?:[\s)\].:*$]|$)", stripped + " ")
+    if match and match.group(1) in letters:
+        return match.group(1)
+    return None
+
+
+_PHRASE = re.compile(r"(?i:answer|option|choice)\s+(?i:is)\s*:?")
+
+
+def rule_mc_answer_phrase(text: str, letters: str) -> str | None:
+    """Last 'the answer is (X)' / 'correct option is X'."""
+    return _last_letter_after(_PHRASE, text, letters)
+
+
+_LETTER_LINE = re.compile(r"^[\s*_(\[]*([A-Z])(?:\s*[*_]*\s*$|[)\].:])")
+
+
+def rule_mc_final_letter_line(text: str, letters: str) -> str | None:
+    """The last non-empty line starts with a lone letter: '**C**', '(C)', 'C) 42 J'."""
+    lines = [line for line in _mc_text(text).splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _LETTER_LINE.match(lines[-1])
+    if match and match.group(1) in letters:
+        return match.group(1)
+    return None
+
+
+EXTRACTION_RULES: dict[str, Rule] = {
+    "boxed_last": rule_boxed_last,
+    "answer_line": rule_answer_line,
+    "mc_answer_marker": rule_mc_answer_marker,
+    "mc_boxed": rule_mc_boxed,
+    "mc_answer_phrase": rule_mc_answer_phrase,
+    "mc_final_letter_line": rule_mc_final_letter_line,
+}
+
+
+def extract(ladder: list[str] | tuple[str, ...], text: str, letters: str = "") -> tuple[str | None, str]:
+    for name in ladder:
+        answer = EXTRACTION_RULES[name](text, letters)
+        if answer is not None:
+            return answer, name
+    return None, NO_RULE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Graders
+
+
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+
+
+def _normalize_math(answer: str) -> str:
+    s = _TEXT_CMD.sub(r"\1", answer)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "")
+    s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("$", "")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    return s
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_gold(gold: str):
+    from math_verify import parse  # imported lazily: it pulls sympy
+
+    # Bare LaTeX is misread by math_verify (e.g. `3\sqrt{2}` -> 3): always wrap in $...$.
+    return parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+
+
+def math_equal(gold: str, predicted: str) -> bool:
+    """String match after light normalisation, else symbolic equivalence with math-verify (with timeouts)."""
+    if _normalize_math(gold) == _normalize_math(predicted):
+        return True
+    if len(predicted) > MAX_SYMBOLIC_CHARS:
+        return False
+    from math_verify import parse, verify
+
+    gold_parsed = _parsed_gold(gold)
+    pred_parsed = parse(f"${predicted}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=MATH_VERIFY_TIMEOUT_S))
+
+
+def _as_integer(answer: str) -> int | None:
+    s = _TEXT_CMD.sub(r"\1", answer)
+    s = re.sub(r"[\s$,]|\\[,!; ]|\{,\}", "", s).rstrip(".")
+    s = re.sub(r"\^\{?\\circ\}?$", "", s)
+    if re.fullmatch(r"[+-]?\d+", s):
+        return int(s)
+    if re.fullmatch(r"[+-]?\d+\.0*", s):
+        return int(float(s))
+    return None
+
+
+def integer_equal(gold: str, predicted: str) -> bool:
+    """AIME: integers compared as numbers ('073' == '73'); a non-integer prediction is checked symbolically."""
+    gold_int = int(gold)
+    as_int = _as_integer(predicted)
+    if as_int is not None:
+        return as_int == gold_int
+    return math_equal(str(gold_int), predicted)
+
+
+def grade(answer_type: str, gold: str, predicted: str) -> bool:
+    if answer_type == "multiple_choice":
+        return predicted == gold
+    if answer_type == "integer":
+        return integer_equal(gold, predicted)
+    return math_equal(gold, predicted)
+
+
+def score_response(
+    *,
+    answer_type: str,
+    ladder: list[str] | tuple[str, ...],
+    gold: str,
+    content: str | None,
+    finish_reason: str | None,
+    letters: str = "",
+) -> Score:
+    """Outcome of one response. A truncated response (finish_reason 'length') is never correct."""
+    extracted, rule = extract(ladder, visible_answer(content), letters)
+    if finish_reason == "length":
+        return Score(extracted, rule, "truncated")
+    if extracted is None:
+        return Score(None, rule, "no_answer")
+    return Score(extracted, rule, "correct" if grade(answer_type, gold, extracted) else "wrong")
