@@ -93,7 +93,8 @@ def test_greedy_with_chunked_prefill_and_batching_matches_transformers(model, to
 def test_prompt_and_output_logprobs_match_a_full_sequence_forward(model, tokenizer, hf):
     engine = make_engine(model, tokenizer, max_num_batched_tokens=5)
     prompt = tokenizer.encode(PROMPTS[0])
-    engine.add_request("a", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True, **GREEDY))
+    engine.add_request("a", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True,
+                                                   **GREEDY))
     engine.add_request("b", tokenizer.encode(PROMPTS[2]), SamplingParams(max_tokens=4, prompt_logprobs=1, **GREEDY))
     r = run_all(engine)["a"]
     full = prompt + r["ids"]

@@ -246,7 +246,8 @@ def test_metrics_count_what_was_served(tiny):
     after = {n: metric(url, n) for n in before}
     assert after["evalpipe_generation_tokens_total"] - before["evalpipe_generation_tokens_total"] == 10
     assert after["evalpipe_prompt_tokens_total"] - before["evalpipe_prompt_tokens_total"] == r.usage.prompt_tokens
-    assert after["evalpipe_time_to_first_token_seconds_count"] - before["evalpipe_time_to_first_token_seconds_count"] == 2
+    ttft = "evalpipe_time_to_first_token_seconds_count"
+    assert after[ttft] - before[ttft] == 2
     assert after["evalpipe_requests_total"] - before["evalpipe_requests_total"] == 2
     text = httpx.get(f"{url}/metrics").text
     assert "# TYPE evalpipe_inter_token_latency_seconds histogram" in text
@@ -291,7 +292,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS,
+                         ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
 def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(tiny, path, body, status, param):
     url, _ = tiny
     content = body if isinstance(body, str) else json.dumps(body)

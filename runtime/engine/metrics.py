@@ -75,10 +75,12 @@ class EngineMetrics:
         with self._lock:
             lines = [f"# HELP {p}_requests_total Finished requests by finish reason.",
                      f"# TYPE {p}_requests_total counter"]
-            lines += [f'{p}_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished_requests.items())]
+            lines += [f'{p}_requests_total{{finish_reason="{r}"}} {n}'
+                      for r, n in sorted(self.finished_requests.items())]
             lines += [f"# HELP {p}_rejected_requests_total Requests answered with an error status.",
                       f"# TYPE {p}_rejected_requests_total counter"]
-            lines += [f'{p}_rejected_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.rejected_requests.items())]
+            lines += [f'{p}_rejected_requests_total{{status="{s}"}} {n}'
+                      for s, n in sorted(self.rejected_requests.items())]
             for name, value, kind, help_text in (
                 ("prompt_tokens_total", self.prompt_tokens, "counter",
                  "Prompt tokens of requests that started generating."),
