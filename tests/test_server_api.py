@@ -10,16 +10,14 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from runtime.models import load_model
-from runtime.server.app import create_app
-from runtime.server.launch import EngineOptions, build_engine, build_state
+from runtime.server.launch import EngineOptions
 from runtime.server.tokenizer import render_chat
-from runtime.testing.checkpoints import TransformersReference, smollm2_tokenizer_dir, tiny_chat_model_dir
+from runtime.testing.checkpoints import TransformersReference
+from runtime.testing.local_server import local_server
 from runtime.testing.scripted_lm import ScriptedLM
-from runtime.testing.server_thread import serve_in_thread
 
 MAX_MODEL_LEN = 256
 API_KEY = "test-key"
@@ -32,25 +30,12 @@ THINK_OUTPUT = "Six sevens: 42.\n</think>\n\nThe answer is 42."
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_chat_model_dir(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir, tokenizer):
+def tiny(tiny_model_dir, tokenizer):
     """(base url, transformers reference) of a server with a tiny random Mixtral in fp32, no API key."""
-    model, _ = load_model(model_dir, dtype="float32")
+    model, _ = load_model(tiny_model_dir, dtype="float32")
     options = EngineOptions(max_model_len=MAX_MODEL_LEN, max_num_seqs=16, max_num_batched_tokens=64, kv_cache_gib=0.01)
-    engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
-    state = build_state(engine, "tiny")
-    with serve_in_thread(create_app(state)) as url:
-        yield url, TransformersReference(model_dir)
-    state.engine.shutdown()
+    with local_server(model, tokenizer, "tiny", options) as url:
+        yield url, TransformersReference(tiny_model_dir)
 
 
 class SlowScriptedLM(ScriptedLM):
@@ -62,21 +47,18 @@ class SlowScriptedLM(ScriptedLM):
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory):
+def scripted(tiny_model_dir):
     """Base URL of a server (API key, deepseek-r1 reasoning parser) whose model answers THINK_MESSAGES with
     THINK_OUTPUT when the template is asked to open the thinking block."""
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(tmp_path_factory.getbasetemp()))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = THINK_TEMPLATE
     prompt = render_chat(tok, THINK_MESSAGES, True, {"thinking": True})
     filler = tok.encode(" filler")[0]
     script = [filler] * (len(prompt) - 1) + tok.encode(THINK_OUTPUT) + [tok.eos_token_id]
     model = SlowScriptedLM(len(tok), script, filler)
     options = EngineOptions(max_model_len=4096, max_num_seqs=8, kv_cache_gib=0.01)
-    engine = build_engine(model, tok, {tok.eos_token_id}, options, torch.device("cpu"), len(tok))
-    state = build_state(engine, "scripted", api_key=API_KEY, reasoning_parser="deepseek-r1")
-    with serve_in_thread(create_app(state)) as url:
+    with local_server(model, tok, "scripted", options, api_key=API_KEY, reasoning_parser="deepseek-r1") as url:
         yield url
-    state.engine.shutdown()
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -348,10 +330,8 @@ class BrokenLM(ScriptedLM):
 
 def test_a_dead_engine_fails_fast_with_503_and_bad_health(tokenizer):
     model = BrokenLM(len(tokenizer), [], default_token=tokenizer.encode(" a")[0])
-    options = EngineOptions(max_model_len=128, kv_cache_gib=0.001)
-    state = build_state(build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu")), "m")
     body = {"model": "m", "prompt": "go", "max_tokens": 20, "ignore_eos": True}
-    with serve_in_thread(create_app(state)) as url:
+    with local_server(model, tokenizer, "m", EngineOptions(max_model_len=128, kv_cache_gib=0.001)) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as resp:
             events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert "choices" in events[0]  # tokens flowed before the failure ...
