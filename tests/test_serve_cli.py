@@ -59,6 +59,13 @@ def test_serve_reports_an_unloadable_directory_in_one_line(tmp_path):
     assert proc.stderr.strip().startswith("evalpipe serve:") and "Traceback" not in proc.stderr
 
 
+def test_serve_names_an_unknown_moe_backend(tiny_model_dir):
+    proc = subprocess.run([*CLI, "--model", str(tiny_model_dir), "--moe-backend", "warp-drive"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "'warp-drive'" in proc.stderr and "torch" in proc.stderr  # names the bad value and what exists
+
+
 def test_serve_rejects_an_unknown_quantization_before_loading(tmp_path):
     proc = subprocess.run([*CLI, "--model", str(tmp_path), "--quantization", "int3"], capture_output=True,
                           text=True, timeout=60)

@@ -18,11 +18,6 @@ class Quantization(str, enum.Enum):
     w4afp8 = "w4afp8"
 
 
-class MoeBackend(str, enum.Enum):
-    auto = "auto"
-    torch = "torch"
-
-
 class Dtype(str, enum.Enum):
     bfloat16 = "bfloat16"
     float32 = "float32"
@@ -36,7 +31,8 @@ def serve(
     model: Path = typer.Option(..., "--model", help="Model directory (config.json, safetensors, tokenizer).",
                                exists=True, file_okay=False),
     quantization: Quantization = typer.Option(Quantization.auto, help="Weight format; auto detects it."),
-    moe_backend: MoeBackend = typer.Option(MoeBackend.auto, help="MoE implementation; torch is the reference."),
+    moe_backend: str = typer.Option("auto", help="MoE implementation: auto, torch (the reference) or another "
+                                                 "registered backend (checked when the model loads)."),
     dtype: Dtype = typer.Option(Dtype.bfloat16, help="Activation and unquantized-weight dtype."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(30000, min=1, max=65535),
@@ -53,7 +49,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(
-        model_dir=model, quantization=quantization.value, moe_backend=moe_backend.value, dtype=dtype.value,
+        model_dir=model, quantization=quantization.value, moe_backend=moe_backend, dtype=dtype.value,
         host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
         reasoning_parser=reasoning_parser.value if reasoning_parser else None,
