@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from evalpipe import orchestrator_cli
-from runtime.server.cli import serve
+from evalpipe import compare_cli, orchestrator_cli
+from runtime.server import cli as serve_cli
 
 app = typer.Typer(
     name="evalpipe",
@@ -19,7 +19,8 @@ app = typer.Typer(
 )
 
 orchestrator_cli.register(app)
-app.command("serve")(serve)
+compare_cli.register(app)
+serve_cli.register(app)
 
 
 def main() -> None:

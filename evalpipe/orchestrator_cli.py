@@ -21,8 +21,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from evalpipe.cards import available_tasks, load_card
+from evalpipe.compare_report import comparison_table, gate_lines
 from evalpipe.config import RunConfig
 from evalpipe.errors import UserError
+from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan
 from evalpipe.report import plan_table, results_table
 from evalpipe.runner import data_source, execute_run, plan_from_config
@@ -72,8 +74,10 @@ def run(
         return
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume: no such run directory: {resume}")
+    stored_baseline = prepare_baseline(run_config, plans)
     try:
-        result = asyncio.run(execute_run(run_config, plans, str(config), resume, progress and sys.stderr.isatty()))
+        result = asyncio.run(execute_run(run_config, plans, str(config), resume, progress and sys.stderr.isatty(),
+                                         stages=adaptive_stages(run_config, plans, stored_baseline)))
     except KeyboardInterrupt:
         typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)
         raise typer.Exit(130) from None
@@ -83,9 +87,20 @@ def run(
         log.warning(warning)
     if result.exit_code:
         log.error("every request failed; see the error fields in the journal")
+    exit_code = result.exit_code
+    if run_config.baseline is not None:
+        document, gate_exit = compare_run(run_config, plans, result, stored_baseline)
+        print_comparison(document)
+        exit_code = max(exit_code, gate_exit)
     stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+def print_comparison(document: dict[str, Any]) -> None:
+    stdout.print(comparison_table(document))
+    for line in gate_lines(document):
+        stdout.print(line, highlight=False, soft_wrap=True)
 
 
 def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:

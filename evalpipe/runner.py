@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from evalpipe.scoring import score_response
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
+BASELINE = "baseline"
 RESOLVED_CONFIG = "config.yaml"
 
 
@@ -55,7 +56,8 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
         except UserError as exc:
             raise UserError(f"{where}.task: {exc}") from None
         card = card.with_sampling(
-            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens, samples=entry.samples
+            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens,
+            samples=entry.planned_samples,
         )
         questions = select_questions(
             card, load_questions(card, data_dir), limit=entry.limit, subjects=entry.subjects, where=where
@@ -332,8 +334,12 @@ async def evaluate_side(
 
 
 def sides_of(config: RunConfig) -> list[tuple[str, ServedSide]]:
-    """The sides a config evaluates, each on the same plan (a `baseline` side joins the candidate later)."""
-    return [(CANDIDATE, config.candidate)]
+    """The sides a config evaluates, each on the same plan: the candidate and a live baseline endpoint (a
+    stored `registry:` baseline is not evaluated)."""
+    sides = [(CANDIDATE, config.candidate)]
+    if isinstance(config.baseline, ServedSide):
+        sides.append((BASELINE, config.baseline))
+    return sides
 
 
 @dataclass
@@ -344,10 +350,18 @@ class RunResult:
     exit_code: int
 
 
+# Stages of a run: given the run dir, yields the plans (cut to the requests wanted) to evaluate in turn; each is
+# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.paired_run).
+Stages = Callable[[Path], Iterable[list[TaskPlan]]]
+
+
 async def execute_run(
-    config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool
+    config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool,
+    stages: Stages | None = None,
 ) -> RunResult:
-    """Preflight every side, then evaluate each into the run dir and write its results and report.md."""
+    """Preflight every side, then evaluate each into the run dir and write its results and report.md.
+
+    Without `stages` the whole plan is one stage."""
     sides = sides_of(config)
     pools = {name: EndpointPool(spec.base_url, spec.api_key, config.client) for name, spec in sides}
     done: dict[str, set[tuple[str, str, int]]] = {}
@@ -364,12 +378,16 @@ async def execute_run(
             write_resolved_config(resume, config, plans, saved_run_id(resume))
         run_dir = resume or create_run_dir(config, plans)
         log.info("run dir: %s", run_dir)
-        for name, spec in sides:
-            with RunProgress(plans, name, enabled=show_progress) as bar:
-                for plan in plans:
-                    bar.already_done(plan.name, sum(r.key in done[name] for r in plan.requests))
-                await evaluate_side(pools[name], spec, plans, config, run_dir / name / "journal.jsonl", done[name],
-                                    pilots[name], bar.advance)
+        for stage in stages(run_dir) if stages else [plans]:
+            for name, spec in sides:
+                with RunProgress(stage, name, enabled=show_progress) as bar:
+                    for plan in stage:
+                        bar.already_done(plan.name, sum(r.key in done[name] for r in plan.requests))
+                    await evaluate_side(pools[name], spec, stage, config, run_dir / name / "journal.jsonl",
+                                        done[name], pilots[name], bar.advance)
+                # issued now, answered or not: a later stage must not send them again
+                done[name] |= {r.key for p in stage for r in p.requests} | {r.key for r in pilots[name]}
+                pilots[name] = []
         sent = {name: {r.url: r.sent for r in pool.replicas} for name, pool in pools.items()}
     finally:
         for pool in pools.values():

@@ -59,3 +59,7 @@ def serve(
     except (ValueError, OSError) as exc:  # bad checkpoint, config or option: one line, no traceback
         typer.echo(f"evalpipe serve: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
