@@ -14,7 +14,7 @@ spec="lm-eval[api]==0.4.13"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating lm-eval environment in $venv" >&2
-  python3 -m venv "$venv"
+  "$main_venv/bin/python" -m venv "$venv"  # same Python as the environment it sits on
 fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 "$main_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/evalpipe-main-env.pth"
