@@ -47,30 +47,31 @@ W4AFP8_HF_QUANT_CONFIG = {
 _SKIP_FILES = {"config.json", INDEX_FILE, "hf_quant_config.json", ACT_SCALES_FILE}
 
 
-def _linear_weight_names(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], dict[str, str]]:
-    """(checkpoint names of linear-layer weights, {checkpoint experts prefix: module path}) from the model's own
-    layer definitions, built on the meta device so nothing is allocated."""
+def _classify_tensors(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], set[str], dict[str, str]]:
+    """(linear-layer weights, tensors the runtime does not serve, {checkpoint experts prefix: module path}),
+    from the model's own layer definitions, built on the meta device so nothing is allocated."""
     config = config_from_dict(hf_config, str(model_dir / "config.json"))
     skeleton = MODEL_FAMILIES[config.architecture](config, Bf16Config(), SINGLE, torch.bfloat16, torch.device("meta"))
     linear_modules = {name for name, m in skeleton.named_modules() if isinstance(m, Linear)}
-    linears, expert_prefixes = set(), {}
+    linears, unserved, expert_prefixes = set(), set(), {}
     for name in reader.names():
         mapped = skeleton.checkpoint_name(name)
         if mapped is None:
+            unserved.add(name)
             continue
         expert = EXPERT_NAME.match(name)
         if expert:
             expert_prefixes[expert["prefix"]] = EXPERT_NAME.match(mapped)["prefix"]
         elif name.endswith(".weight") and mapped.removesuffix(".weight") in linear_modules:
             linears.add(name)
-    return linears, expert_prefixes
+    return linears, unserved, expert_prefixes
 
 
-def _dense_weight(reader: CheckpointReader, src: CheckpointTensor) -> torch.Tensor:
+def _dense_weight(reader: CheckpointReader, src: CheckpointTensor, device: torch.device) -> torch.Tensor:
     """fp32 weight of a bf16/fp32 tensor or of an FP8-block one (dequantized with its weight_scale_inv)."""
-    w = src.read()
+    w = src.read().to(device)
     if w.dtype == nx.FP8_DTYPE:
-        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read())
+        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read().to(device))
     return w.float()
 
 
@@ -82,7 +83,9 @@ class _Job:
     hf_config: dict
     reader: CheckpointReader
     linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
+    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged, as TRT-LLM's script does
     expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
+    device: torch.device  # where calibration and the per-tensor quantization run
 
 
 def quantize_checkpoint(
@@ -97,13 +100,13 @@ def quantize_checkpoint(
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Quantize the checkpoint in `in_dir` into `out_dir` (must not exist yet or be empty); returns out_dir."""
-    job = _plan(Path(in_dir), Path(out_dir), scheme, group_size, calib_samples)
+    job = _plan(Path(in_dir), Path(out_dir), scheme, group_size, calib_samples, torch.device(device))
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        act_index = _write_act_scales(job, partial, calib_samples, calib_max_len, device) if scheme == "w4afp8" else {}
+        act_index = _write_act_scales(job, partial, calib_samples, calib_max_len) if scheme == "w4afp8" else {}
         _write_tensors(job, partial, max_shard_bytes, act_index, on_tensor)
         _write_configs(job, partial)
     except BaseException:
@@ -116,7 +119,7 @@ def quantize_checkpoint(
     return out_dir
 
 
-def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_samples: int) -> _Job:
+def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_samples: int, device: torch.device) -> _Job:
     """Check every precondition before anything is written."""
     if scheme not in SCHEMES:
         raise CheckpointError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
@@ -129,7 +132,7 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
     if source not in allowed:
         raise CheckpointError(f"{in_dir} holds a {source} checkpoint; --scheme {scheme} needs {' or '.join(allowed)} input")
     reader = CheckpointReader(in_dir)
-    linears, expert_prefixes = _linear_weight_names(in_dir, hf_config, reader)
+    linears, unserved, expert_prefixes = _classify_tensors(in_dir, hf_config, reader)
     if scheme == "w4afp8":
         if not expert_prefixes:
             raise CheckpointError(f"{in_dir}: no routed experts to quantize")
@@ -141,14 +144,14 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
                 raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}{hint}")
         if calib_samples < 1:
             raise CheckpointError("--calib-samples must be at least 1 for w4afp8 (activation scales are calibrated)")
-    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, expert_prefixes)
+    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, unserved, expert_prefixes, device)
 
 
-def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int, device: str) -> dict[str, str]:
+def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int) -> dict[str, str]:
     """act_scales.safetensors (w1 == w3 per expert, as TRT-LLM writes them); returns its index entries."""
     from runtime.calibration import calibrate_expert_input_scales
 
-    scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, device)
+    scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, job.device)
     act = {}
     for ckpt_prefix, module_path in sorted(job.expert_prefixes.items()):
         for e, (s13, s2) in enumerate(scales[module_path].tolist()):
@@ -164,13 +167,16 @@ def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict
     for i, name in enumerate(names):
         if on_tensor:
             on_tensor(i, len(names))
+        if name in job.unserved:
+            writer.add(name, reader.get(name).read())
+            continue
         if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in reader:
             continue  # written together with its weight
         src = reader.get(name)
         expert = EXPERT_NAME.match(name)
         is_expert_weight = bool(expert) and expert["suffix"] == "weight"
         if is_expert_weight and job.scheme == "w4afp8":
-            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src).to(torch.bfloat16), job.group_size)
+            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src, job.device).to(torch.bfloat16), job.group_size)
             writer.add(name, packed)
             writer.add(name + "_scale_inv", scale)
         elif is_expert_weight or name in job.linears:
@@ -178,7 +184,7 @@ def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict
                 writer.add(name, src.read())
                 writer.add(name + "_scale_inv", reader.get(name + "_scale_inv").read())
             else:
-                q, scale = nx.quantize_fp8_block(src.read().to(torch.bfloat16))
+                q, scale = nx.quantize_fp8_block(src.read().to(job.device, torch.bfloat16))
                 writer.add(name, q)
                 writer.add(name + "_scale_inv", scale)
         else:
