@@ -9,6 +9,7 @@ import typer
 
 from evalpipe import compare_cli, orchestrator_cli
 from runtime import cli as runtime_cli
+from runtime.server import cli as serve_cli
 
 app = typer.Typer(
     name="evalpipe",
@@ -21,6 +22,7 @@ app = typer.Typer(
 orchestrator_cli.register(app)
 compare_cli.register(app)
 runtime_cli.register(app)
+serve_cli.register(app)
 
 
 def main() -> None:
