@@ -26,6 +26,8 @@ def test_cpu_selects_the_reference_and_refuses_gpu_backends():
 
 @pytest.mark.parametrize("name", ["cutlass", "triton"])
 def test_prepare_returns_replacement_tensors_by_run_argument_name(name):
+    if name == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed (pip install triton==3.6.0 to run this)")
     shape = MoEShape("t", 2, 2, 2, 128, 64, 64)
     w13, w2, s13, s2 = random_experts(shape, "cpu", torch.Generator().manual_seed(0))
     backend = backends._REGISTRY[("moe.w4afp8", name)]
