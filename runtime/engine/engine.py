@@ -127,7 +127,8 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.num_running, self.num_waiting, self.block_manager.usage)
+        return self.metrics.render(self.num_running, self.num_waiting, self.block_manager.usage,
+                                   self.scheduler.num_preemptions)
 
     # ------------------------------------------------------------------------------------------ one step
 
