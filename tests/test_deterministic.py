@@ -5,69 +5,15 @@ scenario does change the numbers, so the comparison is sensitive."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from runtime.batch_invariant import batch_invariant_mode
-from runtime.engine.engine import EngineConfig, LLMEngine
-from runtime.engine.model_runner import ModelRunner
-from runtime.engine.sampling_params import SamplingParams
 from runtime.models import load_model
 from runtime.quantize import quantize_checkpoint
 from runtime.synthetic import write_synthetic_deepseek_fp8
-
-MAX_LEN = 160
-CHUNK = 32  # max_num_batched_tokens: longer prompts are prefilled over several steps
-
-
-def make_engine(model, tokenizer, deterministic: bool) -> LLMEngine:
-    blocks = 48
-    config = EngineConfig(max_model_len=MAX_LEN, num_blocks=blocks, block_size=16, max_num_seqs=24,
-                          max_num_batched_tokens=CHUNK, deterministic=deterministic)
-    runner = ModelRunner(model, blocks, 16, torch.device("cpu"), batch_invariant=deterministic)
-    return LLMEngine(runner, tokenizer, config, {tokenizer.eos_token_id})
-
-
-def targets(vocab: int, sampled: bool) -> list[tuple[str, list[int], SamplingParams]]:
-    rng = random.Random(1)
-    out = []
-    for i in range(16):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.choice([1, 5, 17, 40, 75]))]
-        params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2, temperature=0.8 if sampled else 0.0,
-                                top_p=0.95, seed=1000 + i)
-        out.append((f"t{i}", prompt, params))
-    return out
-
-
-def run(engine: LLMEngine, requests, others=()) -> dict[str, tuple[list[int], list[float]]]:
-    """Add `requests` (and `others`, a few per step, interleaved) and step until all finish."""
-    pending = list(requests) + list(others)
-    random.Random(2).shuffle(pending)
-    results: dict[str, tuple[list[int], list[float]]] = {}
-    while pending or engine.has_unfinished():
-        for _ in range(3):
-            if pending:
-                engine.add_request(*pending.pop())
-        for out in engine.step():
-            tokens, logprobs = results.setdefault(out.request_id, ([], []))
-            tokens += out.new_token_ids
-            logprobs += [lp.logprob for lp in out.new_logprobs]
-    return results
-
-
-def alone_and_busy(model, tokenizer, vocab: int, sampled: bool, deterministic: bool):
-    rng = random.Random(3)
-    others = [(f"o{j}", [rng.randrange(3, vocab) for _ in range(rng.randint(1, 90))],
-               SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, temperature=rng.choice([0.0, 1.0])))
-              for j in range(48)]
-    alone = {}
-    for request in targets(vocab, sampled):  # each target in an engine of its own, nothing else running
-        alone.update(run(make_engine(model, tokenizer, deterministic), [request]))
-    busy = run(make_engine(model, tokenizer, deterministic), targets(vocab, sampled), others)
-    return alone, {k: v for k, v in busy.items() if k.startswith("t")}
+from runtime.testing.batch_invariance import NUM_TARGETS, alone_and_busy
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +32,7 @@ def models(tiny_model_dir, tmp_path_factory):
 def test_outputs_do_not_depend_on_the_batch(models, tokenizer, name, sampled):
     model, vocab = models[name]
     alone, busy = alone_and_busy(model, tokenizer, vocab, sampled, deterministic=True)
-    assert len(alone) == len(busy) == 16
+    assert len(alone) == len(busy) == NUM_TARGETS
     assert busy == alone  # tokens and logprobs, bit for bit
 
 

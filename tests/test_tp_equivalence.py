@@ -24,9 +24,9 @@ from torch import nn
 from runtime.models import load_model
 from runtime.parallel import ParallelContext
 from runtime.quantize import quantize_checkpoint
-from runtime.synthetic import write_tiny_hf_model
 from runtime.standalone import prompt_logits
-from runtime.testing.tp_equivalence import Case, case_outputs, run_ranks
+from runtime.synthetic import write_tiny_hf_model
+from runtime.testing.tp_equivalence import Case, case_outputs, run_ranks, with_rank_experts
 
 # Small weights (transformers' default scale): random models with large weights are chaotic under FP8 activation
 # quantization, where one e4m3 rounding flip changes later greedy choices.
@@ -73,7 +73,7 @@ def references(checkpoints):
     for (family, fmt), path in checkpoints.items():
         plain = None if fmt == "w4afp8" else load_model(path, dtype="float32")[0]
         for mode in MODES:
-            model = with_rank_experts(path, mode) if fmt == "w4afp8" else plain
+            model = with_rank_experts(path, mode, dtype="float32") if fmt == "w4afp8" else plain
             out = case_outputs(model, CANDIDATES, NEW_TOKENS, "cpu")
             chosen = sorted(range(len(CANDIDATES)), key=lambda i: -greedy_margin(out, i))[:NUM_PROMPTS]
             refs[f"{family}-{fmt}-{mode}"] = ([CANDIDATES[i] for i in chosen], out.select(chosen))
@@ -86,27 +86,6 @@ def two_ranks(checkpoints, references):
     cases = [Case(f"{f}-{q}-{m}", str(checkpoints[f, q]), references[f"{f}-{q}-{m}"][0], m)
              for f in FAMILIES for q in FORMATS for m in MODES]
     return run_ranks(cases, NEW_TOKENS)
-
-
-class RankExpertSum(nn.Module):
-    """A routed-expert layer computed as the sum of the rank shards' layers: tp=1 with tp=2's expert numerics."""
-
-    def __init__(self, shards: list[nn.Module]):
-        super().__init__()
-        self.shards = nn.ModuleList(shards)
-
-    def forward(self, x, topk_ids, topk_weights, routed_scaling_factor=1.0):
-        outs = [s(x, topk_ids, topk_weights, routed_scaling_factor).to(x.dtype) for s in self.shards]
-        return outs[0] + outs[1]
-
-
-def with_rank_experts(path, mode: str):
-    model, _ = load_model(path, dtype="float32")
-    shards = [load_model(path, dtype="float32", parallel=ParallelContext(r, 2, mode))[0] for r in range(2)]
-    for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            layer.mlp.experts = RankExpertSum([s.model.layers[i].mlp.experts for s in shards])
-    return model
 
 
 def relative_diffs(out, ref) -> tuple[torch.Tensor, float]:

@@ -4,6 +4,7 @@ logits along it.
 
     run_ranks(cases, new_tokens, world_size=2, device="cpu") -> {case name: CaseOutput}
     case_outputs(model, prompts, new_tokens, device) -> CaseOutput   (any model, e.g. tp=1 in-process)
+    with_rank_experts(path, mode, ...) -> tp=1 model whose routed experts compute as tp=2's ranks do
 
 Each rank is `python -m runtime.testing.tp_equivalence SPEC_JSON RANK PORT`; rank 0 saves the outputs.
 """
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from runtime.standalone import SingleSequence
 
@@ -31,6 +33,7 @@ class Case:
     moe_parallel: str = "tp"
     dtype: str = "float32"
     moe_backend: str = "auto"
+    linear_backend: str = "auto"
 
 
 @dataclass
@@ -59,6 +62,37 @@ def greedy_with_logits(model, prompt: list[int], new_tokens: int, device: torch.
 def case_outputs(model, prompts: list[list[int]], new_tokens: int, device: torch.device | str) -> CaseOutput:
     runs = [greedy_with_logits(model, p, new_tokens, device) for p in prompts]
     return CaseOutput([t for t, _ in runs], [lg for _, lg in runs])
+
+
+class RankExpertSum(nn.Module):
+    """A routed-expert layer computed as the sum of the rank shards' layers, in the activation dtype as the
+    all-reduce sums them: a tp=1 model with a tp=N layout's expert numerics (bf16-rounded partial outputs, and in
+    EP mode each rank's own static activation scales)."""
+
+    def __init__(self, shards: list[nn.Module]):
+        super().__init__()
+        self.shards = nn.ModuleList(shards)
+
+    def forward(self, x, topk_ids, topk_weights, routed_scaling_factor=1.0):
+        total = None
+        for shard in self.shards:
+            out = shard(x, topk_ids, topk_weights, routed_scaling_factor).to(x.dtype)
+            total = out if total is None else total + out
+        return total
+
+
+def with_rank_experts(path, mode: str, world_size: int = 2, **load_options):
+    """The tp=1 model of `path` whose routed-expert layers are RankExpertSum over the `world_size` rank shards."""
+    from runtime.models import load_model
+    from runtime.parallel import ParallelContext
+
+    model, _ = load_model(path, **load_options)
+    shards = [load_model(path, parallel=ParallelContext(r, world_size, mode), **load_options)[0]
+              for r in range(world_size)]
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts = RankExpertSum([s.model.layers[i].mlp.experts for s in shards])
+    return model
 
 
 def _free_port() -> int:
@@ -115,8 +149,8 @@ def _rank_main(spec_json: str, rank: int, port: int) -> None:
     for fields in spec["cases"]:
         case = Case(**fields)
         parallel = ParallelContext(rank, world_size, case.moe_parallel, TorchDistributedComm())
-        model, _ = load_model(case.path, dtype=case.dtype, moe_backend=case.moe_backend, parallel=parallel,
-                              device=device)
+        model, _ = load_model(case.path, dtype=case.dtype, moe_backend=case.moe_backend,
+                              linear_backend=case.linear_backend, parallel=parallel, device=device)
         results[case.name] = asdict(case_outputs(model, case.prompts, spec["new_tokens"], device))
         del model
     if rank == 0:
