@@ -112,7 +112,7 @@ def _estimate(value: float, replicates: np.ndarray, alpha: float) -> Estimate:
     return Estimate(float(value), (float(lo), float(hi)), float(lower), float(upper))
 
 
-def _weighted_quantile(sorted_values: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
+def weighted_quantile(sorted_values: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
     """Rows of `weights` (replicates x positions, in the order of `sorted_values`) -> the q-quantile of each
     weighted sample (inverted CDF: the smallest value whose cumulative weight reaches q of the total)."""
     cumulative = np.cumsum(weights, axis=1)
@@ -161,7 +161,7 @@ def summarize(sequences: Sequence[SequenceScores], *, alpha: float = 0.05, resam
     order = np.argsort(kld_all, kind="stable")
     sorted_kld, sorted_owner = kld_all[order], owner[order]
     p99_replicates = np.concatenate([
-        _weighted_quantile(sorted_kld, counts[start:start + 64][:, sorted_owner], P_QUANTILE)
+        weighted_quantile(sorted_kld, counts[start:start + 64][:, sorted_owner], P_QUANTILE)
         for start in range(0, resamples, 64)
     ])
     total = lengths.sum()
