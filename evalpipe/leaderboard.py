@@ -127,6 +127,7 @@ def render_markdown(runs: Sequence[LeaderboardRun]) -> str:
 
     out = ["# evalpipe leaderboard", "",
            "Accuracy in percent with 95% CI; Δ is candidate minus baseline in points with the non-inferiority verdict.",
+           "Divergence: mean teacher-forced KL divergence from the baseline (nats) with 95% CI and verdict.",
            "", line(header), line(["---"] * len(header))]
     out += [line([cell.text for cell in row]) for row in rows]
     return "\n".join(out) + "\n"

@@ -57,8 +57,11 @@ def test_a_diverging_candidate_fails_the_gate_on_the_probe(tmp_path: Path) -> No
     assert "divergence: FAIL" in result.stdout
 
     # `evalpipe gate` on the stored run reaches the same decision from divergence/scores.jsonl
-    gated = run_cli("gate", str(run_dir))
+    junit = tmp_path / "gate.xml"
+    gated = run_cli("gate", str(run_dir), "--junit", str(junit))
     assert gated.exit_code == 1 and "divergence: FAIL" in gated.stdout
+    assert '<testcase classname="evalpipe.gate" name="divergence">' in junit.read_text()
+    assert "over the limit: mean KLD" in junit.read_text()
 
 
 @needs_shared_data
