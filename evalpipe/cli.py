@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from evalpipe import orchestrator_cli
+from runtime.server.cli import serve
 
 app = typer.Typer(
     name="evalpipe",
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 
 orchestrator_cli.register(app)
+app.command("serve")(serve)
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""Runs an LLMEngine's step loop on its own thread and streams each request's outputs to asyncio callers.
+
+Callers (the HTTP server) never touch the engine directly: additions and aborts go through an inbox that the loop
+drains between steps, and outputs come back through per-request asyncio queues. If a caller stops listening
+(client disconnect, cancelled task) its request is aborted and its KV blocks freed at the next step boundary.
+If a step raises, the engine is dead: every pending request gets the error, new ones are refused, and
+`error` says why (the server reports it on /health) - failing fast beats hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from runtime.engine.engine import LLMEngine, RequestOutput
+from runtime.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.error: BaseException | None = None
+        self._inbox: list[tuple] = []
+        self._wakeup = threading.Condition()
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Submit one request and yield its outputs until it finishes; raises InvalidRequestError up front."""
+        self.engine.check_request(prompt_token_ids, params)
+        if not self.healthy:
+            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._post(("add", request_id, prompt_token_ids, params, time.monotonic()))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post(("abort", request_id))
+
+    def _post(self, message: tuple) -> None:
+        with self._wakeup:
+            self._inbox.append(message)
+            self._wakeup.notify()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._wakeup:
+                    while not self._stopped and not self._inbox and not engine.has_unfinished():
+                        self._wakeup.wait()
+                    if self._stopped:
+                        return
+                    inbox, self._inbox = self._inbox, []
+                for kind, request_id, *rest in inbox:
+                    if kind == "add":
+                        if request_id in self._streams:  # not cancelled while queued
+                            try:
+                                engine.add_request(request_id, *rest)
+                            except ValueError as exc:  # a bad request fails alone, the engine carries on
+                                self._deliver(request_id, exc)
+                    else:
+                        engine.abort_request(request_id)
+                for out in engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; callers must hear about it
+            log.exception("engine loop failed; refusing further requests")
+            self.error = exc
+            dead = EngineDeadError(f"the engine has stopped: {exc!r}")
+            for request_id in list(self._streams):
+                self._deliver(request_id, dead)

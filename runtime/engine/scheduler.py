@@ -1,0 +1,97 @@
+"""Continuous batching under a KV-cache budget.
+
+Every step serves running sequences first (oldest first: a decode token, or the next chunk of a long prompt), then
+admits waiting requests FIFO while the token budget, the sequence limit and free cache blocks allow. A new request
+therefore joins the running batch at the next step. When a running sequence cannot get a block for its next
+token, the newest running sequence is preempted: its blocks are freed and it goes back to the head of the queue
+to be recomputed later. The oldest sequence is never preempted for a younger one, and the engine caps
+max_model_len at the cache capacity, so every admitted request can finish: memory pressure makes requests wait,
+never fail.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_new_tokens` tokens of `seq`, starting at position seq.num_computed_tokens, run in this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this chunk every token of the sequence is cached, so the step yields its next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and give its blocks back."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(self.block_manager.blocks_needed(seq, seq.num_computed_tokens + n)):
+                self._preempt(self.running.pop())
+                preempted = True
+                if i >= len(self.running):  # `seq` itself was the newest and has been preempted
+                    break
+            else:
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        # After a preemption the cache is full: admitting now would only preempt again.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(self.block_manager.blocks_needed(seq, seq.num_computed_tokens + n)):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

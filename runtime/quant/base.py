@@ -1,0 +1,205 @@
+"""The quantization-method interface (SGLang style) and the registry of quantization schemes.
+
+A scheme (`QuantConfig`) hands each layer a method. A method creates the layer's parameters at their per-rank
+shapes, tagging each with how it is sharded (`output_dim` / `input_dim`: the tensor dimension that tensor
+parallelism splits when the layer is column- / row-parallel; None = replicated); the layer's weight loader uses
+those tags to read only this rank's slice. After every tensor is loaded, `process_weights_after_loading`
+converts them to the compute layout, and `apply` runs the layer.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from runtime.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from runtime.loader import CheckpointReader
+
+
+def new_param(
+    layer: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    output_dim: int | None = None,
+    input_dim: int | None = None,
+    expected_loads: int = 1,
+    fill: float | None = None,
+    shard_multiple: dict[int, int] | None = None,
+    per_expert_scalar: bool = False,
+) -> nn.Parameter:
+    """Register a parameter with its loading tags; the loader counts writes against expected_loads.
+
+    shard_multiple {dim: m}: when split across ranks, the per-rank size along dim must be a multiple of m (a
+    quantization block must not straddle two ranks). per_expert_scalar: one value per expert (input scales).
+    """
+    data = torch.empty(shape, dtype=dtype, device=device) if fill is None else torch.full(shape, fill, dtype=dtype, device=device)
+    param = nn.Parameter(data, requires_grad=False)
+    param.output_dim = output_dim
+    param.input_dim = input_dim
+    param.expected_loads = expected_loads
+    param.loads = 0
+    param.shard_multiple = shard_multiple or {}
+    param.per_expert_scalar = per_expert_scalar
+    layer.register_parameter(name, param)
+    return param
+
+
+def replace_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a parameter's tensor after loading (new dtype or layout), dropping the old storage."""
+    delattr(layer, name)
+    layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
+
+
+def prepare_backend(backend, layer: nn.Module, params: dict[str, str]) -> dict:
+    """Run a backend's one-time `prepare` on a layer's tensors (run-argument name -> parameter name).
+
+    Returned entries named like a run argument replace that parameter; the others are extra run kwargs.
+    """
+    if backend.prepare is None:
+        return {}
+    prepared = backend.prepare(**{arg: getattr(layer, name) for arg, name in params.items()})
+    extras = {}
+    for key, value in prepared.items():
+        if key in params:
+            replace_param(layer, params[key], value)
+        else:
+            extras[key] = value
+    return extras
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Register `weight` (and scales) for a [output_size, input_size] per-rank linear."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x W^T (+ bias) in x.dtype."""
+
+    @abstractmethod
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight as fp32 [out, in] (for weight absorption, calibration and tests)."""
+
+
+class MoEMethod(ABC):
+    """Routed experts of one layer on this rank: E local experts, hidden H, intermediate I per rank.
+
+    Parameter names follow SGLang: w13_* hold gate rows [0, I) then up rows [I, 2I); w2_* the down projection.
+    """
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> None: ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+        """This rank's partial MoE output [M, H] in x.dtype (before any all-reduce); ids are global expert ids."""
+
+    @abstractmethod
+    def dequantized_expert(self, layer: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local expert e as fp32 (w13 [2I, H], w2 [H, I])."""
+
+
+class QuantConfig(ABC):
+    """One quantization scheme: which method each linear / MoE layer of a model gets."""
+
+    name: ClassVar[str]
+
+    def __init__(self, moe_backend: str = "auto", linear_backend: str = "auto"):
+        self.moe_backend = moe_backend
+        self.linear_backend = linear_backend
+
+    @classmethod
+    @abstractmethod
+    def from_checkpoint(cls, model_dir: Path, hf_config: dict, reader: "CheckpointReader", **options) -> "QuantConfig": ...
+
+    @abstractmethod
+    def linear_method(self, prefix: str) -> LinearMethod: ...
+
+    @abstractmethod
+    def moe_method(self, prefix: str) -> MoEMethod: ...
+
+
+QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
+
+
+def register_quantization(cls: type[QuantConfig]) -> type[QuantConfig]:
+    QUANT_CONFIGS[cls.name] = cls
+    return cls
+
+
+def read_hf_quant_config(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / "hf_quant_config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_quantization(model_dir: Path, hf_config: dict) -> str:
+    """The scheme a checkpoint is stored in, the way SGLang decides it.
+
+    config.json `quantization_config` wins; without it, hf_quant_config.json with quantization.quant_algo
+    MIXED_PRECISION (and no per-layer `quantized_layers` map) is SGLang's DeepSeek-R1-W4AFP8 format.
+    """
+    qc = hf_config.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method == "fp8":
+            return "fp8"
+        if method == "w4afp8":
+            return "w4afp8"
+        raise CheckpointError(f"config.json: quantization_config.quant_method {method!r} is not supported (supported: fp8, w4afp8)")
+    hq = read_hf_quant_config(model_dir)
+    if hq is not None:
+        quant = hq.get("quantization") or {}
+        algo = quant.get("quant_algo")
+        if algo == "MIXED_PRECISION" and not quant.get("quantized_layers"):
+            return "w4afp8"
+        if algo is not None:
+            raise CheckpointError(f"hf_quant_config.json: quantization.quant_algo {algo!r} is not supported (supported: MIXED_PRECISION)")
+    return "bf16"
+
+
+def resolve_quant_config(model_dir: Path, hf_config: dict, reader: "CheckpointReader", requested: str = "auto", **options) -> QuantConfig:
+    """The QuantConfig for a checkpoint; an explicit `requested` scheme must match what the checkpoint holds."""
+    import runtime.quant.bf16  # noqa: F401  (registration)
+    import runtime.quant.fp8  # noqa: F401
+    import runtime.quant.w4afp8  # noqa: F401
+
+    detected = detect_quantization(model_dir, hf_config)
+    if requested not in ("auto", *QUANT_CONFIGS):
+        raise CheckpointError(f"quantization {requested!r} is unknown (choose auto, {', '.join(QUANT_CONFIGS)})")
+    if requested != "auto" and requested != detected:
+        raise CheckpointError(f"quantization {requested!r} requested, but {model_dir} holds a {detected} checkpoint")
+    return QUANT_CONFIGS[detected].from_checkpoint(Path(model_dir), hf_config, reader, **options)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU in fp32 on the GEMM outputs, cast back to their dtype."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def routed_tokens(topk_ids: torch.Tensor, expert_offset: int, num_local: int):
+    """For each local expert hit by the batch: (local index e, token rows, top-k slots). Non-local ids are skipped."""
+    local = topk_ids.long() - expert_offset
+    for e in torch.unique(local[(local >= 0) & (local < num_local)]).tolist():
+        token_idx, slot = torch.nonzero(local == e, as_tuple=True)
+        yield e, token_idx, slot

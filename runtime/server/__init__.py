@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP front end over the engine (FastAPI + uvicorn)."""

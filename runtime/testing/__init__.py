@@ -1,0 +1,1 @@
+"""Small CausalLM implementations for fast engine and server tests (not model families to serve)."""
