@@ -1,0 +1,50 @@
+"""`evalpipe crosscheck` and `evalpipe import evalscope|lm-eval`: the interop commands.
+
+As for `evalpipe run`, a user mistake prints one line and exits 2 (a missing harness environment included, with
+what to install); a harness that fails while grading exits 4. stdout ends with the path of what was written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from evalpipe.interop.crosscheck import CROSSCHECK_JSON, crosscheck_run
+from evalpipe.interop.harnesses import HARNESS_NAMES
+from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def crosscheck(
+    run_dir: Annotated[Path, typer.Argument(help="run directory of `evalpipe run` (or of `evalpipe import`)")],
+    grader: Annotated[str, typer.Option("--grader", help=f"whose extraction and grader: {' | '.join(HARNESS_NAMES)}")],
+    side: Annotated[str, typer.Option(help="which side's journal to re-grade")] = "candidate",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Re-grade every answered sample of a run with another harness's own extraction and grader (no new
+    generations); write crosscheck.json and a report.md section; print agreement per task."""
+    setup_logging(verbose)
+    if grader not in HARNESS_NAMES:
+        raise typer.BadParameter(f"'{grader}' is not one of {', '.join(HARNESS_NAMES)}", param_hint="--grader")
+    if not run_dir.is_dir():
+        raise typer.BadParameter(f"no such run directory: {run_dir}", param_hint="RUN_DIR")
+    entry = crosscheck_run(run_dir, grader, side)
+    table = Table(title=f"cross-check of {side} with {grader} {entry['harness_version']}")
+    for column in ("task", "their task", "samples", "agreement %", "ours correct %", "theirs correct %",
+                   "ours only", "theirs only", "ungraded"):
+        table.add_column(column, justify="left" if column in ("task", "their task") else "right")
+    for task, t in entry["tasks"].items():
+        table.add_row(task, t["harness_task"], str(t["graded"]), _pct(t["agreement"]), _pct(t["ours_correct_rate"]),
+                      _pct(t["theirs_correct_rate"]), str(t["ours_only"]), str(t["theirs_only"]), str(t["ungraded"]))
+    stdout.print(table)
+    stdout.print(str(run_dir / CROSSCHECK_JSON), highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("crosscheck")(user_errors(crosscheck))
