@@ -31,6 +31,7 @@ from evalpipe.errors import UserError  # noqa: E402
 from evalpipe.journal import read_journal  # noqa: E402
 from evalpipe.runner import plan_from_config  # noqa: E402
 from evalpipe.testing.answer_styles import StyledServer, known_questions  # noqa: E402
+from evalpipe.testing.fake_server import text_key  # noqa: E402
 
 
 def invoke(*args: str) -> str:
@@ -72,8 +73,10 @@ def main() -> None:
             started = time.monotonic()
             run_dir = Path(invoke("run", str(config_path), "--no-progress"))
             print(f"run: {sum(len(p.requests) for p in plans)} samples in {time.monotonic() - started:.1f} s -> {run_dir}")
-            styles = dict(server.styles_used)
-        print("answer styles used:", json.dumps(dict(sorted(styles.items()))))
+            style_of = {(r.task, r.question_id, r.sample_index):
+                        server.style_of.get((text_key(r.messages[-1]["content"]), r.seed, 0), "unstyled")
+                        for p in plans for r in p.requests}
+        print("answer styles used:", json.dumps(dict(sorted(Counter(style_of.values()).items()))))
         records = {(r.task, r.question_id, r.sample_index): r for r in read_journal(run_dir / "candidate/journal.jsonl")}
         for grader in HARNESS_NAMES:
             try:
@@ -91,19 +94,21 @@ def main() -> None:
                 print(f"{task:14} {t['harness_task']:34} {t['graded']:7d} {100 * t['agreement']:8.1f} "
                       f"{100 * t['ours_correct_rate']:7.1f} {100 * t['theirs_correct_rate']:8.1f} "
                       f"{t['ours_only']:9d} {t['theirs_only']:11d}")
-            classes = Counter((d["task"], d["kind"], d["where"], d["ours"]["rule"]) for d in entry["disagreements"])
-            print("disagreements by (task, kind, where, our rule):")
-            for (task, kind, where, rule), n in sorted(classes.items()):
-                print(f"  {n:5d}  {task:13} {kind:12} {where:11} {rule}")
+            classes = Counter((d["task"], d["kind"], d["where"],
+                               style_of[(d["task"], d["question_id"], d["sample_index"])])
+                              for d in entry["disagreements"])
+            print("disagreements by (task, kind, where they part, answer style):")
+            for (task, kind, where, style), n in sorted(classes.items()):
+                print(f"  {n:5d}  {task:13} {kind:12} {where:11} {style}")
             example = {}
             for d in entry["disagreements"]:
-                example.setdefault((d["task"], d["kind"], d["where"]), d)
-            print("one example per class (content tail | ours | theirs):")
-            for (task, kind, where), d in sorted(example.items()):
+                example.setdefault(style_of[(d["task"], d["question_id"], d["sample_index"])], d)
+            print("one example per answer style (content tail | ours | theirs):")
+            for style, d in sorted(example.items()):
                 r = records[(d["task"], d["question_id"], d["sample_index"])]
                 tail = " ".join((r.content or "").split())[-90:]
-                print(f"  {task}/{kind}/{where}: ...{tail!r} | {d['ours']['extracted']!r} {d['ours']['outcome']} | "
-                      f"{d['theirs']['extracted']!r}")
+                print(f"  {style}: ...{tail!r} | ours {d['ours']['extracted']!r} {d['ours']['outcome']} | "
+                      f"theirs {d['theirs']['extracted']!r} {'correct' if d['theirs']['correct'] else 'not correct'}")
 
 
 if __name__ == "__main__":

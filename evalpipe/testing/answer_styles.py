@@ -179,7 +179,7 @@ class StyledServer(FakeServer):
         # Longest first: a short question that is a substring of another must not capture its prompts.
         self.questions = sorted(questions, key=lambda q: len(q.text), reverse=True)
         self._found: dict[str, KnownQuestion | None] = {}
-        self.styles_used: dict[str, int] = {}
+        self.style_of: dict[tuple[str, Any, int], str] = {}  # (user message key, seed, attempt) -> style
 
     def _lookup(self, key: str, user: str) -> KnownQuestion | None:
         if key not in self._found:
@@ -205,6 +205,5 @@ class StyledServer(FakeServer):
         answer = shown.answer if correct or not shown.wrong else shown.wrong[int(rnd("pick") * len(shown.wrong))]
         styles = MC_STYLES if question.answer_type == "multiple_choice" else MATH_STYLES
         name, style = _pick(styles, self.weights, rnd("style"))
-        used = f"{'mc' if styles is MC_STYLES else 'math'}:{name}"
-        self.styles_used[used] = self.styles_used.get(used, 0) + 1
+        self.style_of[(key, seed, attempt)] = f"{'mc' if styles is MC_STYLES else 'math'}:{name}"
         return style(answer, shown, _words(self.behaviour.reasoning_words, salt), rnd)
