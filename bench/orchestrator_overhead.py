@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evalpipe.config import parse_config  # noqa: E402
-from evalpipe.orchestrator_cli import run_candidate  # noqa: E402
-from evalpipe.runner import plan_from_config  # noqa: E402
+from evalpipe.runner import execute_run, plan_from_config  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -80,19 +79,19 @@ def main() -> None:
                 time.sleep(0.05)
             os.environ["EVALPIPE_BASE_URL"] = f"http://127.0.0.1:{port_file.read_text()}/v1"
             config = parse_config(yaml.safe_load(config_path.read_text()), str(config_path))
-            started, cpu0 = time.perf_counter(), cpu_seconds()
+            started = time.perf_counter()
             config, plans = plan_from_config(config)
             plan_s = time.perf_counter() - started
             server_cpu0 = process_cpu_seconds(server.pid)
             t0, cpu1 = time.perf_counter(), cpu_seconds()
-            run_dir, code = asyncio.run(run_candidate(config, plans, str(config_path), None, show_progress=False))
+            result = asyncio.run(execute_run(config, plans, str(config_path), None, show_progress=False))
             wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu1
             server_cpu = process_cpu_seconds(server.pid) - server_cpu0
         finally:
             server.terminate()
             server.wait()
         n = sum(len(p.requests) for p in plans)
-        assert code == 0, f"run failed with exit code {code}"
+        assert result.exit_code == 0, f"run failed with exit code {result.exit_code}"
         print(f"machine: {machine()}")
         print(f"requests: {n} MMLU samples (+ pilot inside), concurrency {args.concurrency}, "
               f"streaming {'off' if args.no_stream else 'on'}")

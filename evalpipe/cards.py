@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evalpipe.errors import UserError
 from evalpipe.scoring import EXTRACTION_RULES, SCORING_VERSION
+from evalpipe.validation import read_yaml, validated
 
 TASKS_DIR_ENV = "EVALPIPE_TASKS_DIR"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -197,20 +197,4 @@ def load_card(name_or_path: str) -> TaskCard:
             raise UserError(f"unknown task '{name_or_path}'; available: {', '.join(available_tasks()) or 'none'}")
     elif not path.is_file():
         raise UserError(f"task card not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
-    try:
-        return TaskCard.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{path}: {format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field path (e.g. `tasks.0.samples`)."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+    return validated(TaskCard, read_yaml(path), str(path))

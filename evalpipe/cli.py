@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from evalpipe import orchestrator_cli
+from evalpipe import compare_cli, orchestrator_cli
 from evalpipe.interop import cli as interop_cli
 from runtime.server.cli import serve
 
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 
 orchestrator_cli.register(app)
+compare_cli.register(app)
 interop_cli.register(app)
 app.command("serve")(serve)
 

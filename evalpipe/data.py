@@ -67,7 +67,9 @@ def select_questions(
 ) -> list[Question]:
     """Apply a config's `subjects` (exact label match) then `limit` (prefix of the fixed order)."""
     if subjects:
-        present = {q.labels.get("subject") for q in questions}
+        present = {q.labels["subject"] for q in questions if "subject" in q.labels}
+        if not present:
+            raise UserError(f"{where}.subjects: task {card.name} has no subjects to choose from")
         unknown = sorted(set(subjects) - present)
         if unknown:
             raise UserError(f"{where}.subjects: unknown subject(s) {unknown} for task {card.name}")

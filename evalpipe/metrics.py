@@ -150,7 +150,7 @@ def mean_p50_p99(values: Sequence[int]) -> dict[str, float | None]:
 def breakdown(matrix: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Accuracy per label value (e.g. per MATH level), rows grouped by their label."""
     out: dict[str, dict[str, Any]] = {}
-    for value in sorted(set(labels), key=lambda v: (len(v), v)):
+    for value in sorted(set(labels), key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v)):
         rows = matrix[[i for i, lab in enumerate(labels) if lab == value]]
         per_q = question_means(rows)
         accuracy, stderr, _ = mean_stderr_ci(per_q)

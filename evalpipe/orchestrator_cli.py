@@ -21,32 +21,13 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from evalpipe.cards import available_tasks, load_card
-from evalpipe.client import EndpointPool
+from evalpipe.compare_report import comparison_table, gate_lines
 from evalpipe.config import RunConfig
-from evalpipe.errors import EndpointError, UserError
-from evalpipe.journal import read_journal
+from evalpipe.errors import UserError
+from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan
-from evalpipe.progress import RunProgress
-from evalpipe.report import (
-    plan_table,
-    report_markdown,
-    results_table,
-    summarize_side,
-    truncation_warnings,
-    write_json,
-)
-from evalpipe.runner import (
-    CANDIDATE,
-    RESOLVED_CONFIG,
-    answered_keys,
-    check_endpoint,
-    create_run_dir,
-    data_source,
-    evaluate_side,
-    load_resumable,
-    plan_from_config,
-    preflight_side,
-)
+from evalpipe.report import plan_table, results_table
+from evalpipe.runner import data_source, execute_run, plan_from_config
 
 log = logging.getLogger("evalpipe")
 # Wide tables when piped to a file or another program; the terminal width otherwise.
@@ -93,16 +74,33 @@ def run(
         return
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume: no such run directory: {resume}")
+    stored_baseline = prepare_baseline(run_config, plans)
     try:
-        run_dir, exit_code = asyncio.run(
-            run_candidate(run_config, plans, str(config), resume, progress and sys.stderr.isatty())
-        )
+        result = asyncio.run(execute_run(run_config, plans, str(config), resume, progress and sys.stderr.isatty(),
+                                         stages=adaptive_stages(run_config, plans, stored_baseline)))
     except KeyboardInterrupt:
         typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)
         raise typer.Exit(130) from None
-    stdout.print(str(run_dir), highlight=False, soft_wrap=True)
+    for side, (summary, _) in result.sides.items():
+        stdout.print(results_table(summary, side))
+    for warning in result.warnings:
+        log.warning(warning)
+    if result.exit_code:
+        log.error("every request failed; see the error fields in the journal")
+    exit_code = result.exit_code
+    if run_config.baseline is not None:
+        document, gate_exit = compare_run(run_config, plans, result, stored_baseline)
+        print_comparison(document)
+        exit_code = max(exit_code, gate_exit)
+    stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
     if exit_code:
         raise typer.Exit(exit_code)
+
+
+def print_comparison(document: dict[str, Any]) -> None:
+    stdout.print(comparison_table(document))
+    for line in gate_lines(document):
+        stdout.print(line, highlight=False, soft_wrap=True)
 
 
 def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
@@ -114,62 +112,6 @@ def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
     requests = sum(len(p.requests) for p in plans)
     budget = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
     stdout.print(f"total: {requests:,} requests, at most {budget:,} completion tokens per side")
-
-
-async def run_candidate(
-    config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool
-) -> tuple[Path, int]:
-    spec = config.candidate
-    pool = EndpointPool(spec.base_url, spec.api_key, config.client)
-    try:
-        previous = load_resumable(resume, config, plans, CANDIDATE) if resume else []
-        done = answered_keys(previous)
-        if resume:
-            await check_endpoint(pool, CANDIDATE, spec, plans)
-            pilot = []
-        else:
-            pilot = await preflight_side(pool, CANDIDATE, spec, plans, config, done)
-        run_dir = resume or create_run_dir(config, plans)
-        log.info("run dir: %s (%d samples already answered)", run_dir, len(done))
-        journal_path = run_dir / CANDIDATE / "journal.jsonl"
-        with RunProgress(plans, CANDIDATE, enabled=show_progress) as bar:
-            for plan in plans:
-                bar.already_done(plan.name, sum(r.key in done for r in plan.requests))
-            await evaluate_side(pool, spec, plans, config, journal_path, done, pilot, bar.advance)
-        replicas = {r.url: r.sent for r in pool.replicas}
-    finally:
-        await pool.aclose()
-    return run_dir, write_results(config, plans, config_path, run_dir, journal_path, replicas)
-
-
-def write_results(
-    config: RunConfig, plans: list[TaskPlan], config_path: str, run_dir: Path, journal_path: Path,
-    replicas: dict[str, int],
-) -> int:
-    saved = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))
-    run_id = saved["resolved"]["run_id"]
-    spec = config.candidate
-    records = read_journal(journal_path)
-    endpoint = {"model": spec.model, "endpoint": ", ".join(spec.base_url), "concurrency": config.concurrency,
-                "requests sent per replica (this invocation)": replicas}
-    summary, details = summarize_side(records, plans, run_id=run_id, config_name=config.name, label=spec.label,
-                                      extra_details={"endpoint": endpoint})
-    write_json(journal_path.parent / "summary.json", summary)
-    write_json(journal_path.parent / "details.json", details)
-    warnings = truncation_warnings(summary, plans)
-    (run_dir / "report.md").write_text(
-        report_markdown(config_name=config.name, run_dir=run_dir, sides={CANDIDATE: (summary, details)},
-                        endpoint=endpoint, warnings=warnings, config_path=config_path),
-        encoding="utf-8",
-    )
-    stdout.print(results_table(summary, CANDIDATE))
-    for warning in warnings:
-        log.warning(warning)
-    latest = {r.key: r for r in records}
-    if latest and all(r.outcome == "error" for r in latest.values()):
-        log.error("every request failed; see error fields in %s", journal_path)
-        return EndpointError.exit_code
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def render_prompt(card: TaskCard, question: Question, sample_index: int) -> tupl
     if prompt.shuffle_options:
         order = option_order(prompt.shuffle_salt, question.id, sample_index, len(question.options))
     letters = LETTERS[: len(order)]
-    lines = [prompt.option_format.format(letter=letters[pos], text=question.options[src]) for pos, src in enumerate(order)]
+    lines = [prompt.option_format.format(letter=letters[pos], text=question.options[src])
+             for pos, src in enumerate(order)]
     gold = letters[order.index(question.correct_index)]
     text = (
         prompt.template.replace("{question}", question.text)

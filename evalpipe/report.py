@@ -100,21 +100,22 @@ def plan_table(plans: Sequence[TaskPlan], done: int = 0) -> Table:
 
 def report_markdown(
     *, config_name: str, run_dir: Path, sides: dict[str, tuple[dict[str, Any], dict[str, Any]]],
-    endpoint: dict[str, Any], warnings: Sequence[str], config_path: str,
+    warnings: Sequence[str], config_path: str,
 ) -> str:
-    lines = [f"# evalpipe run `{config_name}`", "", f"- run dir: `{run_dir}`", f"- resume: "
-             f"`evalpipe run {config_path} --resume {run_dir}`"]
-    for key, value in endpoint.items():
-        lines.append(f"- {key}: {value}")
+    lines = [f"# evalpipe run `{config_name}`", "", f"- run dir: `{run_dir}`",
+             f"- resume: `evalpipe run {config_path} --resume {run_dir}`"]
     for side, (summary, details) in sides.items():
-        lines += ["", f"## {side}: {summary['label']}", "", "| " + " | ".join(RESULT_COLUMNS) + " |",
-                  "|" + "---|" * len(RESULT_COLUMNS)]
+        endpoint = details.get("endpoint", {})
+        lines += ["", f"## {side}: {summary['label']}", ""]
+        lines += [f"- {key}: {value}" for key, value in endpoint.items()]
+        lines += ["", "| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
         lines += ["| " + " | ".join(_result_row(t, e)) + " |" for t, e in summary["tasks"].items()]
         for task, d in details["tasks"].items():
-            lines += ["", f"### {task}", "", f"- outcomes: {d['outcomes']}", f"- extraction rules: {d['rules']}",
-                      f"- pass@k: {({k: _pct(v) for k, v in d['pass_at'].items()})}",
-                      f"- reasoning tokens mean/p50/p99: {d['reasoning_tokens']}",
-                      f"- samples that needed retries: {d['retried_samples']}"]
+            outcomes = ", ".join(f"{k} {v}" for k, v in d["outcomes"].items())
+            rules = ", ".join(f"{k} {v}" for k, v in d["rules"].items())
+            pass_at = ", ".join(f"pass@{k} {_pct(v)}%" for k, v in d["pass_at"].items())
+            lines += ["", f"### {task}", "", f"- outcomes: {outcomes}", f"- extraction rule that fired: {rules}",
+                      f"- {pass_at}", f"- samples that needed retries: {d['retried_samples']}"]
             for label, groups in d["breakdown"].items():
                 lines += ["", f"| {label} | questions | accuracy % |", "|---|---|---|"]
                 lines += [f"| {value} | {g['n_questions']} | {_pct(g['accuracy'])} |" for value, g in groups.items()]

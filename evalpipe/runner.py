@@ -1,9 +1,9 @@
 """`evalpipe run`: plan, preflight, evaluate one side into its journal, summarize.
 
 A side (today `candidate`; a `baseline` later) is evaluated on a plan shared by all sides, into
-`<run_dir>/<side>/journal.jsonl` and `<run_dir>/<side>/summary.json`. The steps are separate functions so a
-second side can reuse them: `plan_from_config` -> `preflight_side` (sends the pilot, writes nothing) ->
-`create_run_dir` -> `evaluate_side` -> `write_side_results`.
+`<run_dir>/<side>/journal.jsonl` and `<run_dir>/<side>/summary.json`. `execute_run` strings the steps together
+for every side of the config: `plan_from_config` -> `preflight_side` for each side (sends pilots, writes
+nothing) -> `create_run_dir` -> `evaluate_side` for each side -> `write_side_results` -> report.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,15 @@ from evalpipe.data import load_questions, resolve_data_dir, select_questions
 from evalpipe.errors import EndpointError, UserError
 from evalpipe.journal import JournalWriter, latest_by_key, read_journal
 from evalpipe.plan import SampleRequest, TaskPlan, build_task_plan
+from evalpipe.progress import RunProgress
 from evalpipe.records import SampleRecord, Usage
+from evalpipe.report import report_markdown, summarize_side, truncation_warnings, write_json
 from evalpipe.scoring import score_response
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
+BASELINE = "baseline"
 RESOLVED_CONFIG = "config.yaml"
 
 
@@ -53,7 +56,8 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
         except UserError as exc:
             raise UserError(f"{where}.task: {exc}") from None
         card = card.with_sampling(
-            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens, samples=entry.samples
+            temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens,
+            samples=entry.planned_samples,
         )
         questions = select_questions(
             card, load_questions(card, data_dir), limit=entry.limit, subjects=entry.subjects, where=where
@@ -229,8 +233,9 @@ def new_run_id() -> str:
 def resolved_config(config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -> dict[str, Any]:
     """The config as run: defaults filled in, secrets removed, each task's protocol and card hash."""
     raw = config.model_dump(mode="json")
-    if raw["candidate"].get("api_key"):
-        raw["candidate"]["api_key"] = "***"
+    for side, _ in sides_of(config):
+        if raw[side].get("api_key"):
+            raw[side]["api_key"] = "***"
     raw["resolved"] = {
         "run_id": run_id,
         "evalpipe_version": __version__,
@@ -244,14 +249,25 @@ def resolved_config(config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -
     return raw
 
 
-def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan]) -> Path:
-    run_id = new_run_id()
-    run_dir = Path(config.output_dir) / config.name / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+def write_resolved_config(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -> None:
     (run_dir / RESOLVED_CONFIG).write_text(
         yaml.safe_dump(resolved_config(config, plans, run_id), sort_keys=False, allow_unicode=True), encoding="utf-8"
     )
+
+
+def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan]) -> Path:
+    run_id = new_run_id()
+    run_dir = Path(config.output_dir) / config.name / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        write_resolved_config(run_dir, config, plans, run_id)
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
     return run_dir
+
+
+def saved_run_id(run_dir: Path) -> str:
+    return yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))["resolved"]["run_id"]
 
 
 def load_resumable(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], side: str) -> list[SampleRecord]:
@@ -311,3 +327,98 @@ async def evaluate_side(
             on_record(record)
 
         await run_requests(pool, spec.model, [work[i] for i in by_sample], config.concurrency, record_done)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole run
+
+
+def sides_of(config: RunConfig) -> list[tuple[str, ServedSide]]:
+    """The sides a config evaluates, each on the same plan: the candidate and a live baseline endpoint (a
+    stored `registry:` baseline is not evaluated)."""
+    sides = [(CANDIDATE, config.candidate)]
+    if isinstance(config.baseline, ServedSide):
+        sides.append((BASELINE, config.baseline))
+    return sides
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    sides: dict[str, tuple[dict[str, Any], dict[str, Any]]]  # side -> (summary.json, details.json)
+    warnings: list[str]
+    exit_code: int
+
+
+# Stages of a run: given the run dir, yields the plans (cut to the requests wanted) to evaluate in turn; each is
+# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.paired_run).
+Stages = Callable[[Path], Iterable[list[TaskPlan]]]
+
+
+async def execute_run(
+    config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool,
+    stages: Stages | None = None,
+) -> RunResult:
+    """Preflight every side, then evaluate each into the run dir and write its results and report.md.
+
+    Without `stages` the whole plan is one stage."""
+    sides = sides_of(config)
+    pools = {name: EndpointPool(spec.base_url, spec.api_key, config.client) for name, spec in sides}
+    done: dict[str, set[tuple[str, str, int]]] = {}
+    pilots: dict[str, list[SampleRecord]] = {}
+    try:
+        for name, spec in sides:
+            done[name] = answered_keys(load_resumable(resume, config, plans, name) if resume else [])
+            if resume:  # the pilot ran when the run started; only check the endpoint again
+                await check_endpoint(pools[name], name, spec, plans)
+                pilots[name] = []
+            else:
+                pilots[name] = await preflight_side(pools[name], name, spec, plans, config, done[name])
+        if resume:  # record tasks or samples the config may have added since
+            write_resolved_config(resume, config, plans, saved_run_id(resume))
+        run_dir = resume or create_run_dir(config, plans)
+        log.info("run dir: %s", run_dir)
+        for stage in stages(run_dir) if stages else [plans]:
+            for name, spec in sides:
+                with RunProgress(stage, name, enabled=show_progress) as bar:
+                    for plan in stage:
+                        bar.already_done(plan.name, sum(r.key in done[name] for r in plan.requests))
+                    await evaluate_side(pools[name], spec, stage, config, run_dir / name / "journal.jsonl",
+                                        done[name], pilots[name], bar.advance)
+                # issued now, answered or not: a later stage must not send them again
+                done[name] |= {r.key for p in stage for r in p.requests} | {r.key for r in pilots[name]}
+                pilots[name] = []
+        sent = {name: {r.url: r.sent for r in pool.replicas} for name, pool in pools.items()}
+    finally:
+        for pool in pools.values():
+            await pool.aclose()
+
+    run_id = saved_run_id(run_dir)
+    results, warnings, all_failed = {}, [], True
+    for name, spec in sides:
+        records = read_journal(run_dir / name / "journal.jsonl")
+        endpoint = {"model": spec.model, "base_url": spec.base_url, "concurrency": config.concurrency,
+                    "requests_sent_this_invocation": sent[name]}
+        results[name] = write_side_results(run_dir / name, records, plans, run_id=run_id, config_name=config.name,
+                                           label=spec.label, endpoint=endpoint)
+        warnings += [f"{name}: {w}" for w in truncation_warnings(results[name][0], plans)]
+        latest = latest_by_key(records)
+        all_failed &= bool(latest) and all(r.outcome == "error" for r in latest.values())
+    (run_dir / "report.md").write_text(
+        report_markdown(config_name=config.name, run_dir=run_dir, sides=results, warnings=warnings,
+                        config_path=config_path),
+        encoding="utf-8",
+    )
+    return RunResult(run_dir, results, warnings, EndpointError.exit_code if all_failed else 0)
+
+
+def write_side_results(
+    side_dir: Path, records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str,
+    label: str, endpoint: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """summary.json and details.json of a side, computed from its whole journal."""
+    summary, details = summarize_side(records, plans, run_id=run_id, config_name=config_name, label=label,
+                                      extra_details={"endpoint": endpoint})
+    write_json(side_dir / "summary.json", summary)
+    write_json(side_dir / "details.json", details)
+    return summary, details

@@ -115,14 +115,19 @@ def _letter_after(text: str, start: int, letters: str) -> str | None:
     return None
 
 
-def rule_mc_answer_marker(text: str, letters: str) -> str | None:
-    """Last 'Answer: X' whose X is a valid option letter (an echoed 'Answer: $LETTER' is skipped)."""
+def _last_letter_after(pattern: re.Pattern[str], text: str, letters: str) -> str | None:
+    """The option letter after the last match of `pattern` that is followed by one."""
     text = _mc_text(text)
-    for match in reversed(list(_MARKER.finditer(text))):
+    for match in reversed(list(pattern.finditer(text))):
         letter = _letter_after(text, match.end(), letters)
         if letter:
             return letter
     return None
+
+
+def rule_mc_answer_marker(text: str, letters: str) -> str | None:
+    """Last 'Answer: X' whose X is a valid option letter (an echoed 'Answer: $LETTER' is skipped)."""
+    return _last_letter_after(_MARKER, text, letters)
 
 
 def rule_mc_boxed(text: str, letters: str) -> str | None:
@@ -142,12 +147,7 @@ _PHRASE = re.compile(r"(?i:answer|option|choice)\s+(?i:is)\s*:?")
 
 def rule_mc_answer_phrase(text: str, letters: str) -> str | None:
     """Last 'the answer is (X)' / 'correct option is X'."""
-    text = _mc_text(text)
-    for match in reversed(list(_PHRASE.finditer(text))):
-        letter = _letter_after(text, match.end(), letters)
-        if letter:
-            return letter
-    return None
+    return _last_letter_after(_PHRASE, text, letters)
 
 
 _LETTER_LINE = re.compile(r"^[\s*_(\[]*([A-Z])(?:\s*[*_]*\s*$|[)\].:])")

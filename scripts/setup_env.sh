@@ -25,7 +25,7 @@ stamp="$venv/.evalpipe-install-stamp"
 want="$(cat "$repo/pyproject.toml" "$repo/constraints.txt" | sha256sum | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing dependencies (first run takes about a minute)" >&2
-  pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+  pip=("$venv/bin/python" -m pip --disable-pip-version-check -qq)
   "${pip[@]}" install -U pip
   # torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
   "${pip[@]}" install "torch==2.13.0"

@@ -29,8 +29,12 @@ def test_all_four_cards_ship_and_follow_the_r1_protocol() -> None:
         assert card.sampling.samples == samples[name]
         assert len(card.dataset.hub.revision) == 40
         assert all(len(digest) == 64 for digest in card.dataset.local.files.values())
-    assert "Please reason step by step, and put your final answer within \\boxed{}." in load_card("aime24").prompt.template
-    assert load_card("gpqa_diamond").prompt.template.splitlines()[-1].startswith('The last line of your response must be of the form "Answer: $LETTER"')
+    r1_suffix = "Please reason step by step, and put your final answer within \\boxed{}."
+    assert load_card("aime24").prompt.template == "{question}\n" + r1_suffix
+    assert load_card("math500").prompt.template == "{question}\n" + r1_suffix
+    for name in ("gpqa_diamond", "mmlu"):
+        last_line = load_card(name).prompt.template.splitlines()[-1]
+        assert last_line.startswith('The last line of your response must be of the form "Answer: $LETTER"')
     assert len(load_card("mmlu").dataset.local.files) == 57
 
 

@@ -37,10 +37,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving() -> None:
 
 
 def test_answers_are_a_function_of_message_and_seed() -> None:
-    with FakeServer({"accuracy": 0.5}) as a, FakeServer({"accuracy": 0.5}) as b:
-        with httpx.Client(base_url=a.base_url) as ca, httpx.Client(base_url=b.base_url) as cb:
-            first = [chat(ca, f"q{i}", seed=s).json()["choices"] for i in range(5) for s in (1, 2)]
-            second = [chat(cb, f"q{i}", seed=s).json()["choices"] for i in range(5) for s in (1, 2)]
+    with FakeServer({"accuracy": 0.5}) as a, FakeServer({"accuracy": 0.5}) as b, \
+            httpx.Client(base_url=a.base_url) as ca, httpx.Client(base_url=b.base_url) as cb:
+        first = [chat(ca, f"q{i}", seed=s).json()["choices"] for i in range(5) for s in (1, 2)]
+        second = [chat(cb, f"q{i}", seed=s).json()["choices"] for i in range(5) for s in (1, 2)]
     assert first == second
     assert [r["key"] for r in a.requests] == [text_key(f"q{i}") for i in range(5) for _ in (1, 2)]
 

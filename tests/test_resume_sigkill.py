@@ -15,8 +15,8 @@ import pytest
 
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
-from evalpipe.testing.fake_server import FakeServer, answer_key_for_plan, text_key
-from orch_helpers import needs_shared_data, write_config
+from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans, text_key
+from orch_helpers import needs_shared_data, run_cli, write_config
 
 pytestmark = [needs_shared_data, pytest.mark.slow]
 
@@ -59,14 +59,13 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_summary(t
     behaviour = dict(accuracy=0.6, truncation_rate=0.1, no_answer_rate=0.05, latency_s=0.03, tokens_per_s=2000)
     reference_cfg = write_config(tmp_path / "reference.yaml", "http://127.0.0.1:1/v1", TASKS, concurrency=4)
     _, plans = plan_from_config(reference_cfg)
-    key = answer_key_for_plan([r for p in plans for r in p.requests])
+    key = answer_key_for_plans(plans)
     wire_key = {r.key: (text_key(r.messages[-1]["content"]), r.seed) for p in plans for r in p.requests}
 
     with FakeServer({**behaviour, "answer_key": key}) as server:
         write_config(reference_cfg, server.base_url, TASKS, concurrency=4)
-        done = subprocess.run([sys.executable, "-m", "evalpipe", "run", str(reference_cfg), "--no-progress"],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = run_cli("run", str(reference_cfg), "--no-progress")  # uninterrupted, in this process
+        assert done.exit_code == 0, done.output
         reference = json.loads((Path(done.stdout.strip().splitlines()[-1]) / "candidate/summary.json").read_text())
 
     interrupted = tmp_path / "interrupted"

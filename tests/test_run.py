@@ -11,7 +11,7 @@ import yaml
 from evalpipe.cards import load_card
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
-from evalpipe.testing.fake_server import FakeServer, answer_key_for_plan, text_key
+from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans, text_key
 from orch_helpers import needs_shared_data, run_cli, write_config
 
 pytestmark = needs_shared_data
@@ -29,7 +29,7 @@ TASK_CONTRACT = {"card_hash", "n_questions", "samples", "accuracy", "stderr", "c
 
 def oracle(config: Path, **behaviour: object) -> FakeServer:
     _, plans = plan_from_config(config)
-    key = answer_key_for_plan([r for p in plans for r in p.requests])
+    key = answer_key_for_plans(plans)
     return FakeServer({"answer_key": key, **behaviour})
 
 
@@ -116,7 +116,8 @@ BAD_CONFIGS = [
     ({"data_dir": "/nonexistent/data"}, "missing data file /nonexistent/data/aime2024/test.jsonl"),
     ({"candidate": {"label": "x", "model": "m", "base_url": "${EVALPIPE_TEST_UNSET_URL}"}},
      "candidate.base_url: environment variable EVALPIPE_TEST_UNSET_URL is not set"),
-    ({"tasks": [{"task": "aime24", "subjects": ["algebra"]}]}, "tasks.0.subjects: unknown subject"),
+    ({"tasks": [{"task": "aime24", "subjects": ["algebra"]}]}, "tasks.0.subjects: task aime24 has no subjects"),
+    ({"tasks": [{"task": "math500", "subjects": ["Astrology"]}]}, "tasks.0.subjects: unknown subject(s) ['Astrology']"),
 ]
 
 
@@ -142,6 +143,16 @@ def test_missing_config_file_and_missing_resume_dir(tmp_path: Path) -> None:
     config = configured(tmp_path, tasks=[{"task": "aime24", "limit": 2}])
     result = run_cli("run", str(config), "--resume", str(tmp_path / "no-run"))
     assert result.exit_code == 2 and "no such run directory" in result.stderr
+
+
+def test_unwritable_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    config = configured(tmp_path, tasks=[{"task": "mmlu", "limit": 2, "max_tokens": 64}])
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with FakeServer() as server:
+        point_at(config, server.base_url, output_dir=str(tmp_path / "blocker" / "runs"))
+        result = run_cli("run", str(config))
+    assert result.exit_code == 2 and "output_dir: cannot create the run directory" in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_unreachable_endpoint_exits_3_and_writes_nothing(tmp_path: Path) -> None:

@@ -218,7 +218,9 @@ class FakeServer:
         return await reader.readexactly(int(headers.get("content-length", "0")))
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
+    async def _send(
+        writer: asyncio.StreamWriter, status: int, payload: Any, extra: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(payload).encode()
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "Content-Type: application/json",
                 f"Content-Length: {len(body)}", "Connection: keep-alive"]
@@ -274,7 +276,8 @@ class FakeServer:
         if limit and prompt_tokens + max_tokens > limit:
             raise _HTTPError(
                 400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion)."
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+                f"{max_tokens} in the completion)."
             )
         return max_tokens
 
@@ -348,9 +351,11 @@ class FakeServer:
             pieces += [(field, " ".join(words[i : i + n]) + (" " if i + n < len(words) else ""))
                        for i in range(0, len(words), n)]
         writer.write(delta({"role": "assistant", "content": ""}))
-        await writer.drain()
         pace = n / self.behaviour.tokens_per_s if self.behaviour.tokens_per_s else 0.0
+        timed = pace or reply.stall_s or reply.drop  # otherwise the whole stream goes out in one write
         for i, (field, text) in enumerate(pieces):
+            if timed:
+                await writer.drain()
             if i == 1 and reply.drop:
                 writer.transport.abort()
                 return False
@@ -359,7 +364,6 @@ class FakeServer:
             elif pace:
                 await asyncio.sleep(pace)
             writer.write(delta({field: text}))
-            await writer.drain()
         if reply.drop:  # fewer than two pieces: drop before the end
             writer.transport.abort()
             return False
@@ -430,7 +434,8 @@ class FakeServer:
         self._record({"key": text_key(prompt), "seed": seed, "endpoint": "completions", "t": time.time()})
         generated = _words(min(max_tokens, 64), f"{text_key(prompt)}:{seed}").split(" ")[:max_tokens]
         tokens = (prompt.split() if request.get("echo") else []) + generated
-        choice: dict[str, Any] = {"index": 0, "text": (prompt if request.get("echo") else "") + " " + " ".join(generated),
+        text = (prompt + " " if request.get("echo") else "") + " ".join(generated)
+        choice: dict[str, Any] = {"index": 0, "text": text,
                                   "finish_reason": "length" if len(generated) == max_tokens else "stop"}
         top_k = request.get("logprobs")
         if isinstance(top_k, int) and top_k >= 0:
@@ -459,18 +464,14 @@ class FakeServer:
                 "text_offset": [0] * len(tokens)}
 
 
-def answer_key_for_plan(requests: list[Any]) -> dict[str, AnswerKeyEntry]:
-    """Answer key of a plan's requests (evalpipe.plan.SampleRequest), for oracle answers."""
-    from evalpipe.cards import load_card  # local import: the server itself does not need the orchestrator
-
-    types: dict[str, str] = {}
+def answer_key_for_plans(plans: list[Any]) -> dict[str, AnswerKeyEntry]:
+    """Answer key of every request of some task plans (evalpipe.plan.TaskPlan), for oracle answers."""
     key: dict[str, AnswerKeyEntry] = {}
-    for r in requests:
-        if r.task not in types:
-            types[r.task] = load_card(r.task).scoring.answer_type
-        user = next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
-        key[text_key(user)] = AnswerKeyEntry(gold=r.gold, answer_type=types[r.task], letters=r.letters,
-                                            question=f"{r.task}/{r.question_id}")
+    for plan in plans:
+        for r in plan.requests:
+            user = next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
+            key[text_key(user)] = AnswerKeyEntry(gold=r.gold, answer_type=plan.card.scoring.answer_type,
+                                                letters=r.letters, question=f"{r.task}/{r.question_id}")
     return key
 
 
@@ -492,7 +493,7 @@ def _main() -> None:
         from evalpipe.runner import plan_from_config
 
         _, plans = plan_from_config(args.answer_key_for)
-        key = answer_key_for_plan([r for p in plans for r in p.requests])
+        key = answer_key_for_plans(plans)
         behaviour = behaviour.model_copy(update={"answer_key": {**key, **behaviour.answer_key}})
     server = FakeServer(behaviour, port=args.port)
 

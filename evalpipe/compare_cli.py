@@ -1,0 +1,238 @@
+"""Commands on stored results: `compare`, `gate`, `plan`, `baseline save`, `leaderboard`.
+
+User mistakes print one line on stderr and exit 2 (see orchestrator_cli.user_errors); `gate` exits like `run`
+with a gate: 0 pass, 1 regression or inconclusive-as-fail, 2 config error, 3 infrastructure error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.table import Table
+
+from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, comparison_document
+from evalpipe.config import RegistrySide
+from evalpipe.errors import UserError
+from evalpipe.gate import GateConfig, apply_gate
+from evalpipe.junit import junit_xml
+from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
+from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
+from evalpipe.planning import plan_rows, planning_baseline
+from evalpipe.runner import plan_from_config
+from evalpipe.stored import (
+    DEFAULT_REGISTRY_DIR,
+    REGISTRY_FILE,
+    StoredSide,
+    load_registry,
+    load_run_side,
+    read_resolved_config,
+    resolve_side,
+    save_baseline,
+)
+from evalpipe.validation import validated
+
+log = logging.getLogger("evalpipe")
+
+RegistryDir = Annotated[str, typer.Option("--registry-dir", help="where stored baselines live")]
+MarginOption = Annotated[float | None, typer.Option("--margin", help="non-inferiority margin, a fraction (0.05 = 5 "
+                                                                     "points); replaces the run's gate setting")]
+AlphaOption = Annotated[float | None, typer.Option("--alpha", help="one-sided test level")]
+
+
+def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
+                   on_inconclusive: str | None = None) -> GateConfig:
+    """The run's `gate:` section (defaults if none) with command-line values on top."""
+    raw = dict(read_resolved_config(run_dir).get("gate") or {})
+    given = {"margin": margin, "alpha": alpha, "on_inconclusive": on_inconclusive}
+    raw.update({key: value for key, value in given.items() if value is not None})
+    for key, value in given.items():
+        if value is not None:  # a command-line value wins over per-task values of the config too
+            for override in raw.get("tasks", {}).values():
+                override.pop(key, None)
+    return validated(GateConfig, raw, "gate settings")
+
+
+def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig) -> dict[str, TaskComparison]:
+    try:
+        comparisons = compare_sides(candidate.tasks, baseline.tasks,
+                                    lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha))
+    except IncomparableError as exc:
+        raise UserError(f"{candidate.source} vs {baseline.source}: {exc}") from None
+    if not comparisons:
+        raise UserError(f"{candidate.source} and {baseline.source} have no task in common")
+    return comparisons
+
+
+def _document(comparisons: dict[str, TaskComparison], candidate: StoredSide, baseline: StoredSide) -> dict[str, Any]:
+    document = comparison_document(comparisons)
+    for name, side in (("candidate", candidate), ("baseline", baseline)):
+        document[name] = {"label": side.label, "source": side.source, "run_id": side.run_id}
+    return document
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe compare
+
+
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="run directory of the candidate")],
+    run_b: Annotated[str, typer.Argument(help="run directory (its candidate side) or registry name of the baseline")],
+    margin: MarginOption = None,
+    alpha: AlphaOption = None,
+    registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the comparison document here")] = None,
+) -> None:
+    """Compare the candidate sides of two runs question by question and print the comparison table."""
+    setup_logging(False)
+    candidate, baseline = load_run_side(run_a), resolve_side(run_b, registry_dir)
+    document = _document(_compare(candidate, baseline, _gate_settings(run_a, margin, alpha)), candidate, baseline)
+    if json_out is not None:
+        json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print_comparison(document)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe gate
+
+
+def gate(
+    run_dir: Annotated[Path, typer.Argument(help="run directory whose candidate side is gated")],
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", help="run directory or registry name; default: the run's own baseline side")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML (one testcase per task)")] = None,
+    margin: MarginOption = None,
+    alpha: AlphaOption = None,
+    on_inconclusive: Annotated[Literal["fail", "pass"] | None, typer.Option("--on-inconclusive")] = None,
+    registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+) -> None:
+    """Apply the non-inferiority gate to a stored run. Exit 0 pass, 1 regression, 2 config error, 3 infra."""
+    setup_logging(False)
+    candidate = load_run_side(run_dir)
+    if baseline is not None:
+        reference = resolve_side(baseline, registry_dir)
+    elif (read_resolved_config(run_dir).get("baseline") or {}):
+        reference = load_run_side(run_dir, "baseline")
+    else:
+        raise UserError(f"{run_dir} has no baseline side; give --baseline RUN_DIR_OR_REGISTRY_NAME")
+    settings = _gate_settings(run_dir, margin, alpha, on_inconclusive)
+    comparisons = _compare(candidate, reference, settings)
+    result = apply_gate(comparisons, settings)
+    document = _document(comparisons, candidate, reference)
+    document["gate"] = result.to_dict()
+    print_comparison(document)
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result), encoding="utf-8")
+    stdout.print(f"gate: {result.status} (exit code {result.exit_code})", highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe plan
+
+
+def plan(
+    config: Annotated[Path, typer.Argument(help="run config (YAML)")],
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", help="run directory or registry name whose per-question outcomes estimate the variance; "
+                           "default: the config's registry baseline, else the latest run of this config")] = None,
+    power: Annotated[float, typer.Option(help="power at which the detectable regression is computed")] = 0.8,
+    registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+) -> None:
+    """Per task: requests, token budget, the smallest regression the run can detect and the samples it needs."""
+    setup_logging(False)
+    if not 0.0 < power < 1.0:
+        raise UserError(f"--power must be in (0, 1), got {power}")
+    run_config, plans = plan_from_config(config)
+    reference = planning_baseline(run_config, baseline, registry_dir)
+    stored = isinstance(run_config.baseline, RegistrySide)
+    header, rows = plan_rows(run_config, plans, reference, power=power)
+    table = Table(title=f"plan for {run_config.name} (alpha from the gate, power {power:g}; nothing sent)")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("task", "variance (per sample)") else "right")
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+    stdout.print(f"variance from: {reference.source if reference else 'no baseline data (worst case)'}",
+                 highlight=False, soft_wrap=True)
+    sides = "the candidate only (stored baseline)" if stored else (
+        "candidate and baseline" if run_config.baseline else "the candidate only (no baseline: nothing is compared)")
+    stdout.print(f"requests and tokens are per side; this config evaluates {sides}.", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe baseline save
+
+
+baseline_app = typer.Typer(help="The baseline registry: stored per-question outcomes reused by later runs.",
+                           no_args_is_help=True)
+
+
+@baseline_app.command("save")
+@user_errors
+def baseline_save(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    name: Annotated[str, typer.Option("--name", help="registry name, e.g. r1-fp8")],
+    side: Annotated[Literal["candidate", "baseline"], typer.Option(help="which side of the run to store")] = "candidate",
+    registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing entry")] = False,
+) -> None:
+    """Store a run's per-question outcomes, token statistics, card hashes and endpoint as a named baseline."""
+    path = save_baseline(run_dir, name, side=side, registry_dir=registry_dir, force=force)
+    stored = load_registry(name, registry_dir)
+    stdout.print(f"saved baseline {name!r} ({stored.label}; tasks {', '.join(stored.tasks)}) to {path}",
+                 highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe leaderboard
+
+
+def _leaderboard_runs(results_dir: Path) -> list[LeaderboardRun]:
+    runs = []
+    for summary_path in sorted(results_dir.glob("**/candidate/summary.json")):
+        run_dir = summary_path.parent.parent
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            spec = read_resolved_config(run_dir).get("candidate") or {}
+            comparison_path = run_dir / "comparison.json"
+            comparison = json.loads(comparison_path.read_text(encoding="utf-8")) if comparison_path.is_file() else None
+        except (UserError, json.JSONDecodeError, OSError) as exc:
+            log.warning("skipping %s: %s", run_dir, exc)
+            continue
+        runs.append(LeaderboardRun(summary.get("run_id") or run_dir.name, summary.get("label") or "?",
+                                   spec.get("quantization"), spec.get("engine"), summary, comparison))
+    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
+        stored = load_registry(entry.parent.name, entry.parent.parent)
+        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
+                                   stored.endpoint.get("engine"), stored.summary))
+    return sorted(runs, key=lambda run: run.run_id)
+
+
+def leaderboard(
+    results_dir: Annotated[Path, typer.Argument(help="results folder holding runs and baselines")] = Path("results"),
+) -> None:
+    """Write RESULTS_DIR/leaderboard.md and a self-contained RESULTS_DIR/leaderboard.html (a row per run)."""
+    setup_logging(False)
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir}: no such results folder")
+    runs = _leaderboard_runs(results_dir)
+    if not runs:
+        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
+    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
+    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
+    stdout.print(f"{len(runs)} rows: {results_dir / 'leaderboard.md'}, {results_dir / 'leaderboard.html'}",
+                 highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(user_errors(compare))
+    app.command("gate")(user_errors(gate))
+    app.command("plan")(user_errors(plan))
+    app.add_typer(baseline_app, name="baseline")
+    app.command("leaderboard")(user_errors(leaderboard))

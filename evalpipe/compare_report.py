@@ -1,0 +1,99 @@
+"""How a comparison is shown: the table printed by `evalpipe run`/`compare`/`gate` and the section of report.md.
+
+Everything is rendered from the comparison.json document (plus its optional "gate" section), so stored and
+fresh comparisons look the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+COLUMNS = ("task", "questions", "candidate %", "baseline %", "Δ pts [95% CI]", "margin pts", "verdict", "gate",
+           "lost / gained", "Δ both completed (n)", "truncated % c / b")
+FLIPS_SHOWN = 20
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _pts(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _interval(bounds: list[float | None] | None) -> str:
+    if not bounds or bounds[0] is None or bounds[1] is None:
+        return "[-, -]"
+    return f"[{_pts(bounds[0])}, {_pts(bounds[1])}]"
+
+
+def comparison_rows(document: dict[str, Any]) -> list[list[str]]:
+    gate = (document.get("gate") or {}).get("tasks", {})
+    rows = []
+    for task, t in document["tasks"].items():
+        both = t["both_completed"]
+        rows.append([
+            task,
+            str(t["n_questions"]),
+            _pct(t["candidate"]["accuracy"]),
+            _pct(t["baseline"]["accuracy"]),
+            f"{_pts(t['delta'])} {_interval(t['ci95'])}",
+            f"-{100 * t['margin']:.1f}",
+            t["verdict"],
+            gate.get(task, {}).get("status", "-"),
+            f"{len(t['flipped']['baseline_only'])} / {len(t['flipped']['candidate_only'])}",
+            f"{_pts(both['delta'])} ({both['n']})",
+            f"{_pct(t['candidate']['truncation_rate'])} / {_pct(t['baseline']['truncation_rate'])}",
+        ])
+    return rows
+
+
+def _title(document: dict[str, Any]) -> str:
+    cand, base = document.get("candidate", {}), document.get("baseline", {})
+    title = f"{cand.get('label', 'candidate')} vs {base.get('label', 'baseline')}: {document['verdict']}"
+    if document.get("gate"):
+        title += f" (gate: {document['gate']['status']})"
+    return title
+
+
+def comparison_table(document: dict[str, Any]) -> Table:
+    table = Table(title=_title(document))
+    for name in COLUMNS:
+        table.add_column(name, justify="left" if name in ("task", "verdict", "gate") else "right")
+    for row in comparison_rows(document):
+        table.add_row(*row)
+    return table
+
+
+def gate_lines(document: dict[str, Any]) -> list[str]:
+    """One line per task of the gate: its status, the numbers and why."""
+    lines = []
+    for task, decision in (document.get("gate") or {}).get("tasks", {}).items():
+        lines.append(f"{task}: {decision['status'].upper()} - {decision['summary']}")
+        lines += [f"  - {reason}" for reason in decision["reasons"]]
+    return lines
+
+
+def comparison_markdown(document: dict[str, Any]) -> str:
+    cand, base = document.get("candidate", {}), document.get("baseline", {})
+    lines = ["## Comparison", "", f"- candidate: {cand.get('label')} ({cand.get('source')})",
+             f"- baseline: {base.get('label')} ({base.get('source')})", f"- verdict: **{document['verdict']}**"]
+    if document.get("gate"):
+        lines.append(f"- gate: **{document['gate']['status']}** (exit code {document['gate']['exit_code']})")
+    lines += ["", "Δ is candidate minus baseline in accuracy points, paired by question; the verdict is the "
+              "non-inferiority test against -margin.", "", "| " + " | ".join(COLUMNS) + " |",
+              "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(document)]
+    if document.get("gate"):
+        lines += ["", "### Gate", ""] + [line if line.startswith(" ") else f"- {line}" for line in gate_lines(document)]
+    for task, t in document["tasks"].items():
+        lost, gained = t["flipped"]["baseline_only"], t["flipped"]["candidate_only"]
+        if lost or gained:
+            lines += ["", f"### {task}: flipped questions (solved by a majority of samples on one side only)", "",
+                      f"- baseline only ({len(lost)}): {', '.join(lost[:FLIPS_SHOWN])}"
+                      + (" ..." if len(lost) > FLIPS_SHOWN else ""),
+                      f"- candidate only ({len(gained)}): {', '.join(gained[:FLIPS_SHOWN])}"
+                      + (" ..." if len(gained) > FLIPS_SHOWN else "")]
+    return "\n".join(lines) + "\n"

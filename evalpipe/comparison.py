@@ -1,0 +1,363 @@
+"""Candidate-vs-baseline comparison of one run's tasks: the numbers in comparison.json, as pure functions.
+
+Input per side and task is a `SideOutcomes` (question ids plus (n, k) outcome, truncation and error arrays),
+built from journal records by `side_outcomes`. Questions are paired by id; only questions present on both
+sides enter the comparison, so a stored baseline with more questions or samples than a CI run still pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from evalpipe.adaptive import AdaptiveDesign, allocation, replay, unbiased_question_means
+from evalpipe.journal import latest_by_key
+from evalpipe.metrics import mean_stderr_ci, question_order
+from evalpipe.records import SampleRecord
+from evalpipe.stats import (
+    PairedDiff,
+    Verdict,
+    VerdictName,
+    noninferiority_of,
+    paired_difference_of_means,
+    per_question,
+)
+
+# A question counts as solved by a side when more than half of its samples are correct (majority vote).
+SOLVED_FRACTION = 0.5
+
+
+# One character per sample in stored baselines and in SideOutcomes.codes(); "." is a sample never issued.
+OUTCOME_CODES: dict[str, str] = {"correct": "c", "wrong": "w", "no_answer": "n", "truncated": "t", "error": "e"}
+MISSING = "."
+
+
+@dataclass(frozen=True)
+class SideOutcomes:
+    """One side of one task. correct: 1.0 / 0.0 / NaN (error or never issued); flags are False where NaN."""
+
+    question_ids: tuple[str, ...]
+    correct: np.ndarray  # (n, k) float
+    truncated: np.ndarray  # (n, k) bool
+    errored: np.ndarray  # (n, k) bool
+
+    @classmethod
+    def from_codes(cls, question_ids: Sequence[str], rows: Sequence[str]) -> SideOutcomes:
+        """From one code string per question (see OUTCOME_CODES); rows may differ in length."""
+        width = max((len(row) for row in rows), default=0)
+        grid = np.array([list(row.ljust(width, MISSING)) for row in rows], dtype="<U1").reshape(len(rows), width)
+        unknown = set(np.unique(grid)) - set(OUTCOME_CODES.values()) - {MISSING}
+        if unknown:
+            raise ValueError(f"unknown outcome codes {sorted(unknown)}")
+        correct = np.where(grid == "c", 1.0, np.where(np.isin(grid, ["w", "n", "t"]), 0.0, np.nan))
+        return cls(tuple(question_ids), correct, grid == "t", grid == "e")
+
+    def take(self, question_ids: Iterable[str]) -> SideOutcomes:
+        index = {qid: i for i, qid in enumerate(self.question_ids)}
+        rows = [index[qid] for qid in question_ids]
+        return SideOutcomes(
+            tuple(self.question_ids[i] for i in rows), self.correct[rows], self.truncated[rows], self.errored[rows]
+        )
+
+    def reindex(self, question_ids: Sequence[str], width: int) -> SideOutcomes:
+        """Rows for exactly these questions (never issued where absent) and exactly `width` sample columns."""
+        index = {qid: i for i, qid in enumerate(self.question_ids)}
+        n, k = len(question_ids), min(width, self.correct.shape[1])
+        correct = np.full((n, width), np.nan)
+        truncated = np.zeros((n, width), bool)
+        errored = np.zeros((n, width), bool)
+        for row, qid in enumerate(question_ids):
+            if qid in index:
+                source = index[qid]
+                correct[row, :k] = self.correct[source, :k]
+                truncated[row, :k] = self.truncated[source, :k]
+                errored[row, :k] = self.errored[source, :k]
+        return SideOutcomes(tuple(question_ids), correct, truncated, errored)
+
+    def restrict(self, keep: np.ndarray) -> SideOutcomes:
+        """Only the samples where `keep` (same shape) is True; the others become never issued."""
+        return SideOutcomes(self.question_ids, np.where(keep, self.correct, np.nan), self.truncated & keep,
+                            self.errored & keep)
+
+    @property
+    def issued(self) -> np.ndarray:
+        """(n, k) bool: a record exists for the sample (answered or errored)."""
+        return ~np.isnan(self.correct) | self.errored
+
+    def rate(self, flags: np.ndarray) -> float:
+        issued = int(self.issued.sum())
+        return float(flags.sum()) / issued if issued else 0.0
+
+
+def outcome_codes(records: Iterable[SampleRecord]) -> dict[str, tuple[list[str], list[str]]]:
+    """Per task, (question ids in the task's fixed order, one OUTCOME_CODES string per question); the latest
+    record of a key wins."""
+    by_task: dict[str, dict[tuple[str, int], str]] = {}
+    for record in latest_by_key(list(records)).values():
+        by_task.setdefault(record.task, {})[(record.question_id, record.sample_index)] = record.outcome
+    codes = {}
+    for task, outcomes in by_task.items():
+        question_ids = question_order(task, (qid for qid, _ in outcomes))
+        width = 1 + max(index for _, index in outcomes)
+        grid = {qid: [MISSING] * width for qid in question_ids}
+        for (qid, index), outcome in outcomes.items():
+            grid[qid][index] = OUTCOME_CODES[outcome]
+        codes[task] = (question_ids, ["".join(grid[qid]).rstrip(MISSING) for qid in question_ids])
+    return codes
+
+
+def side_outcomes(records: Iterable[SampleRecord]) -> dict[str, SideOutcomes]:
+    """Per task, the outcome arrays of a side's journal records. An "error" record is missing for accuracy
+    (NaN) and flagged as errored."""
+    return {task: SideOutcomes.from_codes(ids, rows) for task, (ids, rows) in outcome_codes(records).items()}
+
+
+@dataclass(frozen=True)
+class SideStats:
+    """One side on the paired questions: accuracy and its standard error clustered by question."""
+
+    accuracy: float | None
+    stderr: float | None
+    n_questions: int
+    truncation_rate: float
+    error_rate: float
+    samples: float  # mean samples per question with data
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "stderr": self.stderr,
+            "truncation_rate": self.truncation_rate,
+            "error_rate": self.error_rate,
+            "n_questions": self.n_questions,
+            "samples": self.samples,
+        }
+
+
+def _side_stats(side: SideOutcomes, paired_means: np.ndarray, paired_counts: np.ndarray) -> SideStats:
+    samples = float(paired_counts.mean()) if paired_counts.size else 0.0
+    accuracy, stderr, _ = mean_stderr_ci(paired_means)
+    return SideStats(accuracy, stderr, int(paired_means.size), side.rate(side.truncated), side.rate(side.errored),
+                     samples)
+
+
+@dataclass(frozen=True)
+class TaskComparison:
+    task: str
+    candidate: SideStats
+    baseline: SideStats
+    test: Verdict
+    ci95: tuple[float, float]
+    flipped_baseline_only: tuple[str, ...]  # solved by the baseline only, largest loss first
+    flipped_candidate_only: tuple[str, ...]  # solved by the candidate only, largest gain first
+    both_completed: PairedDiff | None  # the comparison on questions where no sample truncated on either side
+    unpaired: dict[str, int]  # questions present on one side only
+
+    @property
+    def verdict(self) -> VerdictName:
+        return self.test.verdict
+
+    def to_dict(self) -> dict:
+        both = self.both_completed
+        return {
+            "candidate": self.candidate.to_dict(),
+            "baseline": self.baseline.to_dict(),
+            "delta": _number(self.test.delta),
+            "stderr": _number(self.test.stderr),
+            "ci95": _interval(self.ci95),
+            "lower": _number(self.test.lower),
+            "upper": _number(self.test.upper),
+            "p_value": self.test.p_value,
+            "margin": self.test.margin,
+            "alpha": self.test.alpha,
+            "n_questions": self.test.n_questions,
+            "verdict": self.test.verdict,
+            "flipped": {
+                "baseline_only": list(self.flipped_baseline_only),
+                "candidate_only": list(self.flipped_candidate_only),
+            },
+            "both_completed": {
+                "delta": _number(both.delta) if both else None,
+                "stderr": _number(both.stderr) if both else None,
+                "ci95": _interval(both.ci95) if both else None,
+                "n": both.n_questions if both else 0,
+            },
+            "unpaired_questions": dict(self.unpaired),
+        }
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN or infinity: an undefined number is null."""
+    return value if math.isfinite(value) else None
+
+
+def _interval(bounds: tuple[float, float]) -> list[float | None]:
+    return [_number(bounds[0]), _number(bounds[1])]
+
+
+def _flipped(question_ids: tuple[str, ...], cand_means: np.ndarray, base_means: np.ndarray):
+    cand_solved = cand_means > SOLVED_FRACTION
+    base_solved = base_means > SOLVED_FRACTION
+    diff = cand_means - base_means
+    lost = sorted(np.flatnonzero(base_solved & ~cand_solved), key=lambda i: (diff[i], question_ids[i]))
+    won = sorted(np.flatnonzero(cand_solved & ~base_solved), key=lambda i: (-diff[i], question_ids[i]))
+    return tuple(question_ids[i] for i in lost), tuple(question_ids[i] for i in won)
+
+
+def _no_data_verdict(margin: float, alpha: float) -> Verdict:
+    return Verdict(math.nan, math.inf, -math.inf, math.inf, 1.0, "inconclusive", margin, alpha, 0)
+
+
+def compare_task(
+    task: str,
+    candidate: SideOutcomes,
+    baseline: SideOutcomes,
+    margin: float,
+    alpha: float = 0.05,
+    design: AdaptiveDesign | None = None,
+) -> TaskComparison:
+    """Pair the two sides by question id and compute every comparison.json number for one task.
+
+    With an adaptive design the per-question estimates are the unbiased ones and the test runs at the
+    per-look alpha (see evalpipe.adaptive). Side accuracies are over the paired questions, so their
+    difference is delta.
+    """
+    base_ids = set(baseline.question_ids)
+    shared = [qid for qid in candidate.question_ids if qid in base_ids]
+    unpaired = {"candidate_only": len(candidate.question_ids) - len(shared), "baseline_only": len(base_ids) - len(shared)}
+    cand, base = candidate.take(shared), baseline.take(shared)
+    cand_plain, cand_counts = per_question(cand.correct, "candidate")
+    base_plain, base_counts = per_question(base.correct, "baseline")
+    if design is None:
+        cand_means, base_means, test_alpha = cand_plain, base_plain, alpha
+    else:
+        cand_means, base_means = unbiased_question_means(cand.correct, base.correct, design)
+        test_alpha = design.look_alpha(alpha)
+    with_data = ~np.isnan(cand_means) & ~np.isnan(base_means)
+    if with_data.any():
+        diff = paired_difference_of_means(cand_means, base_means, cand_counts, base_counts)
+        test, ci95 = noninferiority_of(diff, margin, test_alpha), diff.ci95
+    else:
+        test, ci95 = _no_data_verdict(margin, test_alpha), (-math.inf, math.inf)
+    paired_ids = tuple(qid for qid, ok in zip(shared, with_data, strict=True) if ok)
+    baseline_only, candidate_only = _flipped(paired_ids, cand_plain[with_data], base_plain[with_data])
+    completed = with_data & ~cand.truncated.any(axis=1) & ~base.truncated.any(axis=1)
+    both = None
+    if completed.any():
+        both = paired_difference_of_means(
+            cand_means[completed], base_means[completed], cand_counts[completed], base_counts[completed]
+        )
+    return TaskComparison(
+        task=task,
+        candidate=_side_stats(cand, cand_means[with_data], cand_counts[with_data]),
+        baseline=_side_stats(base, base_means[with_data], base_counts[with_data]),
+        test=test,
+        ci95=ci95,
+        flipped_baseline_only=baseline_only,
+        flipped_candidate_only=candidate_only,
+        both_completed=both,
+        unpaired=unpaired,
+    )
+
+
+def overall_verdict(verdicts: Iterable[VerdictName]) -> VerdictName:
+    """fail if any task fails, else inconclusive if any is, else pass."""
+    names = set(verdicts)
+    if "fail" in names:
+        return "fail"
+    if "inconclusive" in names or not names:
+        return "inconclusive"
+    return "pass"
+
+
+def comparison_document(comparisons: Mapping[str, TaskComparison]) -> dict:
+    """The comparison.json body (without the gate section, which the gate adds)."""
+    return {
+        "verdict": overall_verdict(c.verdict for c in comparisons.values()),
+        "tasks": {task: comparison.to_dict() for task, comparison in comparisons.items()},
+    }
+
+
+def comparability_problems(
+    candidate: Mapping[str, Mapping[str, object]], baseline: Mapping[str, Mapping[str, object]]
+) -> list[str]:
+    """Why two runs must not be compared: per shared task, each differing setting as 'task.field: a vs b'.
+
+    Arguments map task -> settings that must agree (card_hash and the sampling settings). Tasks present on
+    one side only are not a problem here (they are simply not compared); no shared task at all is.
+    """
+    shared = [task for task in candidate if task in baseline]
+    if not shared:
+        return [f"no task in common (candidate: {sorted(candidate)}, baseline: {sorted(baseline)})"]
+    problems = []
+    for task in shared:
+        for field in sorted(set(candidate[task]) | set(baseline[task])):
+            mine, theirs = candidate[task].get(field), baseline[task].get(field)
+            if mine != theirs:
+                problems.append(f"{task}.{field}: candidate {mine!r}, baseline {theirs!r}")
+    return problems
+
+
+class IncomparableError(ValueError):
+    """Two sides' results must not be compared; the message lists every differing setting."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task of one side (a finished run or a stored baseline), as the comparison needs it."""
+
+    card_hash: str
+    sampling: Mapping[str, object]  # the settings that must agree: temperature, top_p, max_tokens
+    outcomes: SideOutcomes
+    adaptive: tuple[int, int] | None = None  # (min_samples, max_samples) when sampled with samples: auto
+
+    def settings(self) -> dict[str, object]:
+        return {"card_hash": self.card_hash, **self.sampling}
+
+
+def _replayed(
+    cand: SideOutcomes, base: SideOutcomes, design: AdaptiveDesign, margin: float, alpha: float
+) -> tuple[SideOutcomes, SideOutcomes]:
+    """Both sides restricted to the samples the adaptive procedure used at its last complete look."""
+    shared = [qid for qid in cand.question_ids if qid in set(base.question_ids)]
+    width = max(design.max_samples, cand.correct.shape[1])
+    cand = cand.reindex(shared, width)
+    base = base.reindex(shared, width) if design.baseline_adaptive else base.take(shared)
+    progress = replay(cand.correct, cand.issued, base.correct, base.issued, design, margin, alpha)
+    if progress.look is None:
+        return cand, base
+    keep = allocation(progress.look.extend, cand.correct.shape[1], design, progress.look.k)
+    return cand.restrict(keep), base.restrict(keep) if design.baseline_adaptive else base
+
+
+def compare_sides(
+    candidate: Mapping[str, TaskResult],
+    baseline: Mapping[str, TaskResult],
+    margin_alpha: Callable[[str], tuple[float, float]],
+) -> dict[str, TaskComparison]:
+    """Compare every task both sides have; refuse (IncomparableError) when protocols or sampling differ.
+
+    An adaptively sampled candidate task is replayed to its last complete look, so a finished, resumed or
+    stored run gives the same comparison; the baseline counts as adaptive when it was sampled that way too.
+    """
+    problems = comparability_problems(
+        {task: result.settings() for task, result in candidate.items()},
+        {task: result.settings() for task, result in baseline.items()},
+    )
+    if problems:
+        raise IncomparableError("results are not comparable: " + "; ".join(problems))
+    comparisons = {}
+    for task, result in candidate.items():
+        if task not in baseline:
+            continue
+        margin, alpha = margin_alpha(task)
+        cand, base = result.outcomes, baseline[task].outcomes
+        design = None
+        if result.adaptive is not None:
+            design = AdaptiveDesign(*result.adaptive, baseline_adaptive=baseline[task].adaptive is not None)
+            cand, base = _replayed(cand, base, design, margin, alpha)
+        comparisons[task] = compare_task(task, cand, base, margin, alpha, design)
+    return comparisons
