@@ -14,7 +14,9 @@ from rich.table import Table
 
 from evalpipe.interop.crosscheck import CROSSCHECK_JSON, crosscheck_run
 from evalpipe.interop.harnesses import HARNESS_NAMES
+from evalpipe.interop.importers import READERS, write_imported_run
 from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
+from evalpipe.report import results_table
 
 
 def _pct(value: float | None) -> str:
@@ -46,5 +48,45 @@ def crosscheck(
     stdout.print(str(run_dir / CROSSCHECK_JSON), highlight=False, soft_wrap=True)
 
 
+import_app = typer.Typer(help="Turn another harness's per-sample outputs into an evalpipe run directory (its "
+                                "protocol under its own card hash), for the leaderboard, compare and gate.",
+                         no_args_is_help=True)
+
+SourceDir = Annotated[Path, typer.Argument(help="the harness's output directory")]
+OutputDir = Annotated[Path, typer.Option("--output-dir", help="run dir = <output-dir>/<name>/<run_id>/")]
+Label = Annotated[str | None, typer.Option("--label", help="label on the leaderboard (default: '<model> (<harness>)')")]
+
+
+def _import(harness: str, source: Path, output_dir: Path, name: str | None, label: str | None) -> None:
+    setup_logging(False)
+    if not source.exists():
+        raise typer.BadParameter(f"no such directory: {source}", param_hint="DIR")
+    run = READERS[harness](source)
+    run_dir, summary = write_imported_run(run, output_dir, name or f"imported-{harness}", label)
+    stdout.print(results_table(summary, f"imported from {harness} {run.version}"))
+    stdout.print(str(run_dir), highlight=False, soft_wrap=True)
+
+
+@import_app.command("evalscope")
+@user_errors
+def import_evalscope(
+    source: SourceDir, output_dir: OutputDir = Path("results/runs"),
+    name: Annotated[str | None, typer.Option("--name", help="default: imported-evalscope")] = None, label: Label = None,
+) -> None:
+    """Import an `evalscope eval` output directory (its reviews, predictions and task config)."""
+    _import("evalscope", source, output_dir, name, label)
+
+
+@import_app.command("lm-eval")
+@user_errors
+def import_lmeval(
+    source: SourceDir, output_dir: OutputDir = Path("results/runs"),
+    name: Annotated[str | None, typer.Option("--name", help="default: imported-lm-eval")] = None, label: Label = None,
+) -> None:
+    """Import an lm-eval run written with --log_samples (its results_*.json and samples_*.jsonl)."""
+    _import("lm-eval", source, output_dir, name, label)
+
+
 def register(app: typer.Typer) -> None:
     app.command("crosscheck")(user_errors(crosscheck))
+    app.add_typer(import_app, name="import")

@@ -133,6 +133,9 @@ def _saved_plans(run_dir: Path, tasks: set[str]) -> dict[str, TaskPlan]:
     if not path.is_file():
         raise UserError(f"{run_dir}: not an evalpipe run directory (no {RESOLVED_CONFIG})")
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "imported" in saved:
+        raise UserError(f"{run_dir} was imported from {saved['imported'].get('harness')}: its journal has no option "
+                        f"texts for {sorted(tasks)}, which the harness graders need")
     saved.pop("resolved", None)
     config = parse_config(saved, str(path))
     entries = [entry for entry in config.tasks if entry.task in tasks]

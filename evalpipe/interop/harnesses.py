@@ -44,6 +44,7 @@ class HarnessTask(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
+    id: str | None = None
     gold: Literal["integer"] | None = None
     config: str | None = None
     doc: str | None = None
