@@ -13,8 +13,9 @@ the semantics; faster backends must match it within the kernel-test tolerance):
   **prepared_extras), as numerics.fp8_block_linear_ref.
 
 `prepare` (optional) is called once after loading with the layer's weight tensors as keyword arguments (the
-weight names of `run`) and returns a dict: entries under those names replace the layer's tensors (e.g. scales
-re-laid out for a kernel), any other entries are passed to every `run` call as extra keyword arguments.
+weight names of `run`, plus `block` for the FP8 operations) and returns a dict: entries under those weight
+names replace the layer's tensors (e.g. scales re-laid out for a kernel), any other entries are passed to every
+`run` call as extra keyword arguments.
 
 Kernel packages register on import; `runtime.kernels`, if present, is imported before the first selection so
 its backends are known without the caller importing it.
@@ -73,6 +74,10 @@ def _import_plugins() -> None:
         _plugins_imported = True
         if importlib.util.find_spec("runtime.kernels") is not None:
             importlib.import_module("runtime.kernels")
+
+
+def on_cpu(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def backend_names(op: str) -> list[str]:

@@ -63,3 +63,27 @@ def greedy_generate(model: CausalLM, token_ids: Sequence[int], max_new_tokens: i
         if len(out) < max_new_tokens:
             logits = seq.step(out[-1:])
     return out
+
+
+def prefill_batch(model: CausalLM, sequences: Sequence[Sequence[int]], block_size: int = 16, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Prefill several sequences in one forward, each in its own cache blocks; returns each sequence's hidden
+    states [len, hidden] (final norm applied). One pass means each layer sees every token at once."""
+    device = torch.device(device)
+    blocks = [-(-len(s) // block_size) for s in sequences]
+    caches = allocate_kv_caches(model.kv_cache_spec(), sum(blocks), block_size, device)
+    table = torch.full((len(sequences), max(blocks)), -1, dtype=torch.long, device=device)
+    first = 0
+    slots, positions = [], []
+    for b, (seq, n) in enumerate(zip(sequences, blocks)):
+        table[b, :n] = torch.arange(first, first + n, device=device)
+        pos = torch.arange(len(seq), device=device)
+        positions.append(pos)
+        slots.append(table[b, pos // block_size] * block_size + pos % block_size)
+        first += n
+    lengths = [len(s) for s in sequences]
+    batch = ForwardBatch(
+        input_ids=torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device),
+        positions=torch.cat(positions), query_lens=lengths, context_lens=lengths, block_tables=table,
+        slot_mapping=torch.cat(slots), kv_caches=caches, block_size=block_size,
+    )
+    return list(model.forward(batch).split(lengths))

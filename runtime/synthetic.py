@@ -68,20 +68,24 @@ def write_tiny_hf_model(out_dir: str | Path, architecture: str, *, seed: int = 0
 
 @dataclass(frozen=True)
 class DeepseekShape:
-    """Widths and depth of a synthetic DeepSeek-V3-style model (defaults: tiny, CPU-friendly, G=128-compatible)."""
+    """Widths and depth of a synthetic DeepSeek-V3-style model.
+
+    The defaults are tiny (CPU tests) yet every tensor-parallel shard at tp=2 stays a whole number of 128-wide
+    FP8 blocks and W4 groups, like R1's shards at tp=8.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 256
-    intermediate_size: int = 384
-    moe_intermediate_size: int = 128
+    intermediate_size: int = 512
+    moe_intermediate_size: int = 256
     num_hidden_layers: int = 3
     first_k_dense_replace: int = 1
     num_attention_heads: int = 4
     q_lora_rank: int | None = 128
     kv_lora_rank: int = 128
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
     n_routed_experts: int = 16
     n_shared_experts: int = 1
     num_experts_per_tok: int = 4

@@ -6,36 +6,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.model_runner import ModelRunner
 from runtime.engine.sampling_params import InvalidRequestError, SamplingParams
 from runtime.models import load_model
-from runtime.testing.checkpoints import TransformersReference, tiny_chat_model_dir
+from runtime.testing.checkpoints import TransformersReference
 from runtime.testing.scripted_lm import ScriptedLM
 
 GREEDY = dict(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_chat_model_dir(tmp_path_factory.getbasetemp())
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="float32")[0]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir, dtype="float32")[0]
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    return TransformersReference(model_dir)
+def hf(tiny_model_dir):
+    return TransformersReference(tiny_model_dir)
 
 
 def assert_greedy_under_reference(hf, prompt, generated, tol=1e-3):
@@ -93,7 +82,8 @@ def test_greedy_with_chunked_prefill_and_batching_matches_transformers(model, to
 def test_prompt_and_output_logprobs_match_a_full_sequence_forward(model, tokenizer, hf):
     engine = make_engine(model, tokenizer, max_num_batched_tokens=5)
     prompt = tokenizer.encode(PROMPTS[0])
-    engine.add_request("a", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True, **GREEDY))
+    engine.add_request("a", prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True,
+                                                   **GREEDY))
     engine.add_request("b", tokenizer.encode(PROMPTS[2]), SamplingParams(max_tokens=4, prompt_logprobs=1, **GREEDY))
     r = run_all(engine)["a"]
     full = prompt + r["ids"]

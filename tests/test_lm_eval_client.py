@@ -10,18 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 
 import openai
 import pytest
-import torch
-from transformers import AutoTokenizer
+import yaml
 
 from runtime.models import load_model
-from runtime.server.app import create_app
-from runtime.server.launch import EngineOptions, build_engine, build_state
-from runtime.testing.checkpoints import TransformersReference, tiny_chat_model_dir
-from runtime.testing.server_thread import serve_in_thread
+from runtime.server.launch import EngineOptions
+from runtime.testing.checkpoints import TransformersReference
+from runtime.testing.local_server import local_server
 
 LMEVAL_PYTHON = os.environ.get("EVALPIPE_LMEVAL_PYTHON", "")
 pytestmark = [
@@ -38,42 +35,26 @@ MC_DOCS = [
 GEN_DOCS = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "Name a colour.", "answer": "blue"}]
 
 
+def write_task(work, name: str, docs: list[dict], **fields) -> None:
+    """A local lm-eval task: its docs as JSONL and a task YAML reading them."""
+    data = work / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    card = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}", **fields}
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(card))
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tiny_chat_model_dir(tmp_path_factory.getbasetemp())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model, _ = load_model(model_dir, dtype="float32")
-    options = EngineOptions(max_model_len=512, max_num_seqs=8, kv_cache_gib=0.01)
-    engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
-    state = build_state(engine, "tiny")
+def setup(tmp_path_factory, tiny_model_dir, tokenizer):
     work = tmp_path_factory.mktemp("lmeval")
-    for name, docs in (("mc", MC_DOCS), ("gen", GEN_DOCS)):
-        (work / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (work / "mc.yaml").write_text(textwrap.dedent(f"""\
-        task: evalpipe_smoke_mc
-        dataset_path: json
-        dataset_kwargs: {{data_files: {{test: {work / 'mc.jsonl'}}}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        metric_list: [{{metric: acc}}]
-        """))
-    (work / "gen.yaml").write_text(textwrap.dedent(f"""\
-        task: evalpipe_smoke_gen
-        dataset_path: json
-        dataset_kwargs: {{data_files: {{test: {work / 'gen.jsonl'}}}}}
-        test_split: test
-        output_type: generate_until
-        doc_to_text: "{{{{question}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        generation_kwargs: {{until: [], max_gen_toks: 8, do_sample: false, temperature: 0.0}}
-        metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
-        """))
-    with serve_in_thread(create_app(state)) as url:
-        yield url, work, model_dir, tokenizer, TransformersReference(model_dir)
-    state.engine.shutdown()
+    write_task(work, "evalpipe_smoke_mc", MC_DOCS, output_type="multiple_choice", doc_to_choice="{{choices}}",
+               metric_list=[{"metric": "acc"}])
+    write_task(work, "evalpipe_smoke_gen", GEN_DOCS, output_type="generate_until",
+               generation_kwargs={"until": [], "max_gen_toks": 8, "do_sample": False, "temperature": 0.0},
+               metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
+    model, _ = load_model(tiny_model_dir, dtype="float32")
+    with local_server(model, tokenizer, "tiny", EngineOptions(max_model_len=512, kv_cache_gib=0.01)) as url:
+        yield url, work, TransformersReference(tiny_model_dir)
 
 
 def run_lm_eval(work, model_type: str, model_args: str, task: str, *extra: str) -> list[dict]:
@@ -87,11 +68,11 @@ def run_lm_eval(work, model_type: str, model_args: str, task: str, *extra: str) 
     return [json.loads(line) for line in samples.read_text().splitlines()]
 
 
-def test_local_completions_loglikelihoods_equal_transformers_forward(setup):
-    url, work, tok_dir, tokenizer, reference = setup
+def test_local_completions_loglikelihoods_equal_transformers_forward(setup, tiny_model_dir, tokenizer):
+    url, work, reference = setup
     samples = run_lm_eval(work, "local-completions",
                           f"model=tiny,base_url={url}/v1/completions,num_concurrent=2,max_retries=1,"
-                          f"tokenizer_backend=huggingface,tokenizer={tok_dir}", "evalpipe_smoke_mc")
+                          f"tokenizer_backend=huggingface,tokenizer={tiny_model_dir}", "evalpipe_smoke_mc")
     assert len(samples) == len(MC_DOCS)
     checked = 0
     for sample in samples:
@@ -110,7 +91,7 @@ def test_local_completions_loglikelihoods_equal_transformers_forward(setup):
 
 
 def test_local_chat_completions_generates_for_every_doc(setup):
-    url, work, _, _, _ = setup
+    url, work, _ = setup
     samples = run_lm_eval(work, "local-chat-completions",
                           f"model=tiny,base_url={url}/v1/chat/completions,num_concurrent=2,max_retries=1",
                           "evalpipe_smoke_gen", "--apply_chat_template")

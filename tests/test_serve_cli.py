@@ -13,8 +13,6 @@ import httpx
 import openai
 import pytest
 
-from runtime.testing.checkpoints import tiny_chat_model_dir
-
 CLI = [sys.executable, "-c", "from evalpipe.cli import main; main()", "serve"]
 
 
@@ -25,11 +23,10 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_loads_a_checkpoint_and_answers_until_interrupted(tmp_path_factory):
-    model_dir = tiny_chat_model_dir(tmp_path_factory.getbasetemp())
+def test_serve_loads_a_checkpoint_and_answers_until_interrupted(tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [*CLI, "--model", str(model_dir), "--port", str(port), "--dtype", "float32", "--max-model-len", "200",
+        [*CLI, "--model", str(tiny_model_dir), "--port", str(port), "--dtype", "float32", "--max-model-len", "200",
          "--served-model-name", "tiny-cli", "--api-key", "k", "--kv-cache-gib", "0.01", "--max-num-seqs", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -10,16 +10,14 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from runtime.models import load_model
-from runtime.server.app import create_app
-from runtime.server.launch import EngineOptions, build_engine, build_state
+from runtime.server.launch import EngineOptions
 from runtime.server.tokenizer import render_chat
-from runtime.testing.checkpoints import TransformersReference, smollm2_tokenizer_dir, tiny_chat_model_dir
+from runtime.testing.checkpoints import TransformersReference
+from runtime.testing.local_server import local_server
 from runtime.testing.scripted_lm import ScriptedLM
-from runtime.testing.server_thread import serve_in_thread
 
 MAX_MODEL_LEN = 256
 API_KEY = "test-key"
@@ -32,25 +30,12 @@ THINK_OUTPUT = "Six sevens: 42.\n</think>\n\nThe answer is 42."
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_chat_model_dir(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir, tokenizer):
+def tiny(tiny_model_dir, tokenizer):
     """(base url, transformers reference) of a server with a tiny random Mixtral in fp32, no API key."""
-    model, _ = load_model(model_dir, dtype="float32")
+    model, _ = load_model(tiny_model_dir, dtype="float32")
     options = EngineOptions(max_model_len=MAX_MODEL_LEN, max_num_seqs=16, max_num_batched_tokens=64, kv_cache_gib=0.01)
-    engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
-    state = build_state(engine, "tiny")
-    with serve_in_thread(create_app(state)) as url:
-        yield url, TransformersReference(model_dir)
-    state.engine.shutdown()
+    with local_server(model, tokenizer, "tiny", options) as url:
+        yield url, TransformersReference(tiny_model_dir)
 
 
 class SlowScriptedLM(ScriptedLM):
@@ -62,21 +47,18 @@ class SlowScriptedLM(ScriptedLM):
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory):
+def scripted(tiny_model_dir):
     """Base URL of a server (API key, deepseek-r1 reasoning parser) whose model answers THINK_MESSAGES with
     THINK_OUTPUT when the template is asked to open the thinking block."""
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(tmp_path_factory.getbasetemp()))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = THINK_TEMPLATE
     prompt = render_chat(tok, THINK_MESSAGES, True, {"thinking": True})
     filler = tok.encode(" filler")[0]
     script = [filler] * (len(prompt) - 1) + tok.encode(THINK_OUTPUT) + [tok.eos_token_id]
     model = SlowScriptedLM(len(tok), script, filler)
     options = EngineOptions(max_model_len=4096, max_num_seqs=8, kv_cache_gib=0.01)
-    engine = build_engine(model, tok, {tok.eos_token_id}, options, torch.device("cpu"), len(tok))
-    state = build_state(engine, "scripted", api_key=API_KEY, reasoning_parser="deepseek-r1")
-    with serve_in_thread(create_app(state)) as url:
+    with local_server(model, tok, "scripted", options, api_key=API_KEY, reasoning_parser="deepseek-r1") as url:
         yield url
-    state.engine.shutdown()
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -246,7 +228,8 @@ def test_metrics_count_what_was_served(tiny):
     after = {n: metric(url, n) for n in before}
     assert after["evalpipe_generation_tokens_total"] - before["evalpipe_generation_tokens_total"] == 10
     assert after["evalpipe_prompt_tokens_total"] - before["evalpipe_prompt_tokens_total"] == r.usage.prompt_tokens
-    assert after["evalpipe_time_to_first_token_seconds_count"] - before["evalpipe_time_to_first_token_seconds_count"] == 2
+    ttft = "evalpipe_time_to_first_token_seconds_count"
+    assert after[ttft] - before[ttft] == 2
     assert after["evalpipe_requests_total"] - before["evalpipe_requests_total"] == 2
     text = httpx.get(f"{url}/metrics").text
     assert "# TYPE evalpipe_inter_token_latency_seconds histogram" in text
@@ -273,6 +256,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x"}, 400, "model"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
@@ -283,6 +267,8 @@ BAD_REQUESTS = [
      400, "temperature"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
@@ -291,7 +277,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS,
+                         ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
 def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(tiny, path, body, status, param):
     url, _ = tiny
     content = body if isinstance(body, str) else json.dumps(body)
@@ -322,3 +309,38 @@ def test_api_key_is_required_when_configured(scripted, headers, status):
         if status == 401:
             assert resp.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{scripted}/health").status_code == 200  # health stays open for probes
+
+
+def test_rejections_are_counted_by_status(tiny):
+    url, _ = tiny
+    before = metric(url, 'evalpipe_rejected_requests_total{status="400"}')
+    resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert resp.status_code == 400
+    assert metric(url, 'evalpipe_rejected_requests_total{status="400"}') == before + 1
+
+
+class BrokenLM(ScriptedLM):
+    """Fails on its fourth step, as a crashed kernel or a lost rank would."""
+
+    calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.calls == 4:
+            raise RuntimeError("simulated device failure")
+        return super().forward(batch)
+
+
+def test_a_dead_engine_fails_fast_with_503_and_bad_health(tokenizer):
+    model = BrokenLM(len(tokenizer), [], default_token=tokenizer.encode(" a")[0])
+    body = {"model": "m", "prompt": "go", "max_tokens": 20, "ignore_eos": True}
+    with local_server(model, tokenizer, "m", EngineOptions(max_model_len=128, kv_cache_gib=0.001)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert "choices" in events[0]  # tokens flowed before the failure ...
+        assert events[-1]["error"]["type"] == "service_unavailable"  # ... then the stream ended with the error
+        assert "simulated device failure" in events[-1]["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "simulated device failure" in health.json()["error"]
+        later = httpx.post(f"{url}/v1/completions", json=body)
+        assert later.status_code == 503 and later.json()["error"]["type"] == "service_unavailable"

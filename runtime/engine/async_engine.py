@@ -102,7 +102,7 @@ class AsyncEngine:
                         if request_id in self._streams:  # not cancelled while queued
                             try:
                                 engine.add_request(request_id, *rest)
-                            except ValueError as exc:  # a bad request fails alone, the engine carries on
+                            except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
                                 self._deliver(request_id, exc)
                     else:
                         engine.abort_request(request_id)

@@ -101,7 +101,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, generator,
                        arrival_time if arrival_time is not None else time.monotonic())
         self._seqs[request_id] = seq
-        self._texts[request_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens, params.stop)
+        self._texts[request_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens,
+                                             params.stop)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:

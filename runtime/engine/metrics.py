@@ -24,6 +24,10 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def on_rejected(self, status: int) -> None:
+        with self._lock:
+            self.rejected_requests[status] = self.rejected_requests.get(status, 0) + 1
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         cumulative = 0
@@ -40,9 +44,11 @@ class EngineMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.finished_requests: dict[str, int] = {}
+        self.rejected_requests: dict[int, int] = {}  # by HTTP status, counted by the server
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.ttft = Histogram(f"{_PREFIX}_time_to_first_token_seconds", "Time from arrival to the first generated token.")
+        self.ttft = Histogram(f"{_PREFIX}_time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.")
         self.itl = Histogram(f"{_PREFIX}_inter_token_latency_seconds", "Time between consecutive generated tokens.")
         self.e2e = Histogram(f"{_PREFIX}_e2e_request_latency_seconds", "Time from arrival to the end of the request.")
 
@@ -60,13 +66,24 @@ class EngineMetrics:
             self.finished_requests[reason] = self.finished_requests.get(reason, 0) + 1
             self.e2e.observe(now - arrival)
 
+    def on_rejected(self, status: int) -> None:
+        with self._lock:
+            self.rejected_requests[status] = self.rejected_requests.get(status, 0) + 1
+
     def render(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> str:
         p = _PREFIX
         with self._lock:
-            lines = [f"# HELP {p}_requests_total Finished requests by finish reason.", f"# TYPE {p}_requests_total counter"]
-            lines += [f'{p}_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished_requests.items())]
+            lines = [f"# HELP {p}_requests_total Finished requests by finish reason.",
+                     f"# TYPE {p}_requests_total counter"]
+            lines += [f'{p}_requests_total{{finish_reason="{r}"}} {n}'
+                      for r, n in sorted(self.finished_requests.items())]
+            lines += [f"# HELP {p}_rejected_requests_total Requests answered with an error status.",
+                      f"# TYPE {p}_rejected_requests_total counter"]
+            lines += [f'{p}_rejected_requests_total{{status="{s}"}} {n}'
+                      for s, n in sorted(self.rejected_requests.items())]
             for name, value, kind, help_text in (
-                ("prompt_tokens_total", self.prompt_tokens, "counter", "Prompt tokens of requests that started generating."),
+                ("prompt_tokens_total", self.prompt_tokens, "counter",
+                 "Prompt tokens of requests that started generating."),
                 ("generation_tokens_total", self.generation_tokens, "counter", "Generated tokens."),
                 ("num_requests_running", num_running, "gauge", "Requests in the running batch."),
                 ("num_requests_waiting", num_waiting, "gauge", "Requests queued for admission."),

@@ -1,9 +1,9 @@
 """Token selection from a batch of logits, row by row independent of the other rows.
 
-Each row uses its own sequence's torch.Generator (exponential-race sampling: argmax(p / E), E ~ Exp(1), picks i
-with probability p_i), so a seeded request samples the same tokens whatever else is in the batch. Temperature,
-top-k and top-p are row-wise tensor ops. Reported logprobs come from the raw model distribution (before
-temperature and truncation), which is what teacher-forced scoring needs.
+Each row draws from its own sequence's torch.Generator (one uniform number per token, inverse CDF), so a seeded
+request samples the same tokens whatever else is in the batch. Temperature, top-k and top-p are row-wise tensor
+ops. Reported logprobs come from the raw model distribution (before temperature and truncation), which is what
+teacher-forced scoring needs.
 """
 
 from __future__ import annotations
@@ -35,12 +35,24 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row by inverse CDF: a single uniform draw from each row's own generator."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.stack([torch.rand((), device=probs.device, generator=g) for g in generators])
+    # right=True lands on a token with cdf[i-1] <= v < cdf[i], i.e. one of positive probability ...
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    # ... unless rounding put v at the very total: then take the row's most likely token (a measure-zero case).
+    missed = probs.gather(1, picked[:, None])[:, 0] == 0
+    if bool(missed.any()):
+        picked = torch.where(missed, probs.argmax(dim=-1), picked)
+    return picked
+
+
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
     """Choose one token per row of `logits` [B, vocab] (fp32); returns token ids and, where asked, their logprobs."""
     vocab = logits.shape[-1]
     dev = logits.device
-    greedy_tokens = logits.argmax(dim=-1)
-    tokens = greedy_tokens.clone()
+    tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
         rows = torch.tensor(random_rows, device=dev)
@@ -50,14 +62,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[in
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=x.dtype)
         if bool((top_k < vocab).any() or (top_p < 1.0).any()):
             x = _truncate(x, top_k, top_p)
-        probs = x.softmax(dim=-1)
-        noise = torch.stack(
-            [torch.empty(vocab, device=dev).exponential_(generator=requests[i].generator) for i in random_rows]
-        )
-        # A draw of exactly 0 would turn masked tokens into 0/0 = NaN.
-        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-        tokens[rows] = (probs / noise).argmax(dim=-1)
-
+        tokens[rows] = _draw(x.softmax(dim=-1), [requests[i].generator for i in random_rows])
     token_list = tokens.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]

@@ -44,6 +44,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidRequestError(name, f"must be between 0 and {MAX_LOGPROBS}, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequestError("seed", f"must fit in 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must not be empty")
 

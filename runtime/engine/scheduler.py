@@ -63,18 +63,18 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(self.block_manager.blocks_needed(seq, seq.num_computed_tokens + n)):
+            need = self.block_manager.blocks_needed(seq, seq.num_computed_tokens + n)
+            while not self.block_manager.can_allocate(need) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
                 preempted = True
-                if i >= len(self.running):  # `seq` itself was the newest and has been preempted
-                    break
-            else:
-                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-                chunks.append(ScheduledChunk(seq, n))
-                budget -= n
-                i += 1
-                continue
-            break
+            if not self.block_manager.can_allocate(need):  # `seq` is the newest left: it gives way itself
+                self._preempt(self.running.pop())
+                preempted = True
+                break
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            i += 1
         # After a preemption the cache is full: admitting now would only preempt again.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

@@ -60,14 +60,13 @@ def replace_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
 
 
-def prepare_backend(backend, layer: nn.Module, params: dict[str, str]) -> dict:
-    """Run a backend's one-time `prepare` on a layer's tensors (run-argument name -> parameter name).
-
-    Returned entries named like a run argument replace that parameter; the others are extra run kwargs.
+def prepare_backend(backend, layer: nn.Module, params: dict[str, str], **static) -> dict:
+    """Run a backend's one-time `prepare` on a layer's tensors (run-argument name -> parameter name) and static
+    arguments. Returned entries named like a run argument replace that parameter; the others are extra run kwargs.
     """
     if backend.prepare is None:
         return {}
-    prepared = backend.prepare(**{arg: getattr(layer, name) for arg, name in params.items()})
+    prepared = backend.prepare(**{arg: getattr(layer, name) for arg, name in params.items()}, **static)
     extras = {}
     for key, value in prepared.items():
         if key in params:

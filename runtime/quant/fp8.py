@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends import register_backend, select_backend
+from runtime.backends import on_cpu, register_backend, select_backend
 from runtime.errors import CheckpointError
 from runtime.quant import numerics as nx
 from runtime.quant.base import (
@@ -21,6 +21,15 @@ from runtime.quant.base import (
 from runtime.quant.bf16 import Bf16LinearMethod
 
 
+def dequantize_fp8_expert(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                          block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FP8-block expert as fp32 (w13 [2I, H], w2 [H, I]); the gate and up halves have their own blocks."""
+    inter, half = w13.shape[0] // 2, w13_scale.shape[0] // 2
+    gate = nx.dequantize_fp8_block(w13[:inter], w13_scale[:half], block)
+    up = nx.dequantize_fp8_block(w13[inter:], w13_scale[half:], block)
+    return torch.cat((gate, up)), nx.dequantize_fp8_block(w2, w2_scale, block)
+
+
 def fp8_moe_ref(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -32,22 +41,40 @@ def fp8_moe_ref(
     routed_scaling_factor: float = 1.0,
     expert_offset: int = 0,
     block: tuple[int, int] = (nx.FP8_BLOCK, nx.FP8_BLOCK),
+    dequantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """FP8-block routed experts: each GEMM as numerics.fp8_block_linear_ref, SwiGLU and combine in fp32."""
-    inter, half = w13.shape[1] // 2, w13_scale.shape[1] // 2
+    """FP8-block routed experts: each GEMM as numerics.fp8_block_linear_ref (dynamic 1 x 128 activations),
+    SwiGLU and the combine in fp32. `dequantized`: the fp32 expert weights if a backend cached them."""
+    inter = w13.shape[1] // 2
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for e, token_idx, slot in routed_tokens(topk_ids, expert_offset, w13.shape[0]):
-        xe = x[token_idx]
-        gate = nx.fp8_block_linear_ref(xe, w13[e, :inter], w13_scale[e, :half], block=block, out_dtype=x.dtype)
-        up = nx.fp8_block_linear_ref(xe, w13[e, inter:], w13_scale[e, half:], block=block, out_dtype=x.dtype)
-        act = silu_and_mul(gate, up)
-        z = nx.fp8_block_linear_ref(act, w2[e], w2_scale[e], block=block, out_dtype=x.dtype)
+        if dequantized is None:
+            d13, d2 = dequantize_fp8_expert(w13[e], w13_scale[e], w2[e], w2_scale[e], block)
+        else:
+            d13, d2 = dequantized[0][e], dequantized[1][e]
+        h = nx.fp8_block_linear_dequantized(x[token_idx], d13, block=block, out_dtype=x.dtype)
+        z = nx.fp8_block_linear_dequantized(silu_and_mul(h[:, :inter], h[:, inter:]), d2, block=block, out_dtype=x.dtype)
         out.index_add_(0, token_idx, topk_weights[token_idx, slot].float().unsqueeze(-1) * z.float())
     return (routed_scaling_factor * out).to(x.dtype)
 
 
+def _dequantize_all_experts(w13, w2, w13_scale, w2_scale, block) -> dict:
+    pairs = [dequantize_fp8_expert(w13[e], w13_scale[e], w2[e], w2_scale[e], block) for e in range(w13.shape[0])]
+    return {"dequantized": (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))}
+
+
+def _fp8_linear_cached(x, weight, weight_scale_inv, bias=None, block=(nx.FP8_BLOCK, nx.FP8_BLOCK), out_dtype=torch.bfloat16, weight_dequantized=None):
+    return nx.fp8_block_linear_dequantized(x, weight_dequantized, bias, block, out_dtype)
+
+
 register_backend("moe.fp8", "torch", fp8_moe_ref)
 register_backend("linear.fp8_block", "torch", nx.fp8_block_linear_ref)
+# The reference math on weights dequantized once at load (fp32 copies: 4 more bytes per weight), same results.
+register_backend("moe.fp8", "cached", fp8_moe_ref, prepare=_dequantize_all_experts, available=on_cpu, priority=10)
+register_backend(
+    "linear.fp8_block", "cached", _fp8_linear_cached, available=on_cpu, priority=10,
+    prepare=lambda weight, weight_scale_inv, block: {"weight_dequantized": nx.dequantize_fp8_block(weight, weight_scale_inv, block)},
+)
 
 
 def _blocks(n: int, b: int) -> int:
@@ -66,7 +93,7 @@ class Fp8BlockLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer):
         self.backend = select_backend("linear.fp8_block", self.backend_name, layer.weight.device)
-        self.extras = prepare_backend(self.backend, layer, {"weight": "weight", "weight_scale_inv": "weight_scale_inv"})
+        self.extras = prepare_backend(self.backend, layer, {"weight": "weight", "weight_scale_inv": "weight_scale_inv"}, block=self.block)
 
     def apply(self, layer, x, bias=None):
         return self.backend.run(x, layer.weight, layer.weight_scale_inv, bias, block=self.block, out_dtype=x.dtype, **self.extras)
@@ -93,7 +120,7 @@ class Fp8MoEMethod(MoEMethod):
     def process_weights_after_loading(self, layer):
         self.backend = select_backend("moe.fp8", self.backend_name, layer.w13_weight.device)
         names = {"w13": "w13_weight", "w2": "w2_weight", "w13_scale": "w13_weight_scale_inv", "w2_scale": "w2_weight_scale_inv"}
-        self.extras = prepare_backend(self.backend, layer, names)
+        self.extras = prepare_backend(self.backend, layer, names, block=self.block)
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
         return self.backend.run(
@@ -102,11 +129,7 @@ class Fp8MoEMethod(MoEMethod):
         )
 
     def dequantized_expert(self, layer, e):
-        inter, half = layer.w13_weight.shape[1] // 2, layer.w13_weight_scale_inv.shape[1] // 2
-        w13, s13 = layer.w13_weight[e], layer.w13_weight_scale_inv[e]
-        gate = nx.dequantize_fp8_block(w13[:inter], s13[:half], self.block)
-        up = nx.dequantize_fp8_block(w13[inter:], s13[half:], self.block)
-        return torch.cat((gate, up)), nx.dequantize_fp8_block(layer.w2_weight[e], layer.w2_weight_scale_inv[e], self.block)
+        return dequantize_fp8_expert(layer.w13_weight[e], layer.w13_weight_scale_inv[e], layer.w2_weight[e], layer.w2_weight_scale_inv[e], self.block)
 
 
 def _block_from_config(qc: dict) -> tuple[int, int]:

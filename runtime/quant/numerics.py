@@ -102,14 +102,25 @@ def fp8_block_linear_ref(
     scaled by (activation group scale * weight block scale) and accumulated in fp32; output cast once.
     Computed here as an fp32 matmul of the two dequantized operands, equal up to fp32 summation order.
     """
+    return fp8_block_linear_dequantized(x, dequantize_fp8_block(weight, weight_scale_inv, block), bias, block, out_dtype)
+
+
+def fp8_block_linear_dequantized(
+    x: torch.Tensor,
+    weight_dequantized: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """fp8_block_linear_ref given the weight already dequantized (fp32 [out, in], from dequantize_fp8_block)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_fp8_per_token_group(x2, block[1])
     x_deq = xq.float() * xs.repeat_interleave(block[1], dim=1)[:, : x2.shape[1]]
-    y = x_deq @ dequantize_fp8_block(weight, weight_scale_inv, block).t()
+    y = x_deq @ weight_dequantized.t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype).reshape(*lead, weight.shape[0])
+    return y.to(out_dtype).reshape(*lead, weight_dequantized.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- int4 weights
@@ -172,14 +183,15 @@ def interleave_scales(s: torch.Tensor) -> torch.Tensor:
 def w4afp8_gemm_ref(a_q: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
     """One expert's W4AFP8 GEMM exactly as the SM90 kernel defines it (section 2.2).
 
-    a_q: fp8 [M, K]; w_packed: int8 [N, K/2]; w_scale: bf16 [N, K/G]; alpha: fp32 scalar.
+    a_q: fp8 [M, K]; w_packed: int8 [N, K/2] (or the int4 values already unpacked, [N, K], as a CPU backend
+    caches them); w_scale: bf16 [N, K/G]; alpha: fp32 scalar.
     P_g = sum over group g of fp8(q) * a_q (fp32), acc = sum_g float(s[n, g]) * P_g, D = bf16(alpha * acc).
     """
     m, k = a_q.shape
     n, n_groups = w_scale.shape
     g = k // n_groups
     a = a_q.float().reshape(m, n_groups, g)
-    q = unpack_int4(w_packed).float().reshape(n, n_groups, g)
+    q = (w_packed if w_packed.shape[-1] == k else unpack_int4(w_packed)).float().reshape(n, n_groups, g)
     partial = torch.einsum("mgk,ngk->mng", a, q)  # [M, N, groups], one fp32 partial sum per K group
     acc = (partial * w_scale.to(torch.bfloat16).float().unsqueeze(0)).sum(dim=-1)
     alpha = torch.as_tensor(alpha, dtype=torch.float32, device=a_q.device)
@@ -202,7 +214,7 @@ def w4afp8_moe_ref(
     """The W4AFP8 routed-expert MoE of one rank, per section 2.4. Returns bf16 [M, H] (before any all-reduce).
 
     x: [M, H] (cast to bf16 first, as the server holds it); w13: int8 [E, 2I, H/2] (gate rows then up rows);
-    w2: int8 [E, H, I/2]; w13_scale [E, 2I, H/G] and w2_scale [E, H, I/G] (rounded to bf16 here);
+    w2: int8 [E, H, I/2] (both may also be given unpacked, [E, 2I, H] and [E, H, I]); w13_scale [E, 2I, H/G] and w2_scale [E, H, I/G] (rounded to bf16 here);
     a1, a2: the layer's single activation scale per GEMM (fp32 scalars, already bf16-rounded and maxed over
     experts by the loader); topk_ids [M, k] global expert ids; topk_weights [M, k] fp32 (renormalised, routed
     scaling not applied). Experts outside [expert_offset, expert_offset + E) belong to other ranks (EP) and are

@@ -68,35 +68,40 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key", err_type="authentication_error")
 
+    def reject(status: int, message: str, param: str | None = None, code: str | None = None,
+               err_type: str = "invalid_request_error") -> JSONResponse:
+        state.engine.engine.metrics.on_rejected(status)
+        return _error(status, message, param, code, err_type)
+
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return reject(exc.status, exc.message, exc.param, exc.code, exc.type)
 
     @app.exception_handler(InvalidRequestError)
     async def on_invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
-        return _error(400, str(exc), exc.param)
+        return reject(400, str(exc), exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return _error(400, message, param)
+        return reject(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return reject(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
 
     @app.exception_handler(EngineDeadError)
     async def on_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return _error(503, str(exc), err_type="service_unavailable")
+        return reject(503, str(exc), err_type="service_unavailable")
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(_: Request, __: ClientDisconnected) -> JSONResponse:
-        return _error(_CLIENT_CLOSED, "client disconnected; request aborted")
+        return _error(_CLIENT_CLOSED, "client disconnected; request aborted")  # counted as an abort by the engine
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error while serving a request")
-        return _error(500, f"internal error: {exc!r}", err_type="internal_error")
+        return reject(500, f"internal error: {exc!r}", err_type="internal_error")
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from runtime.engine.engine import RequestOutput
 from runtime.server.protocol import ChatCompletionRequest
 from runtime.server.reasoning import ReasoningStream, split_reasoning
-from runtime.server.serving import (APIError, Choice, ServerState, chat_logprobs, check_model, collect, merge,
-                                    new_request_id, sse, usage)
+from runtime.server.serving import (APIError, Choice, ServerState, chat_logprobs, check_model, collect,
+                                    event_stream, merge, new_request_id, sse, usage)
 from runtime.server.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     streams = [state.engine.generate(f"{request_id}-{i}", prompt, p) for i, p in enumerate(params)]
     head = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     if body.stream:
-        return StreamingResponse(_stream(state, body, head, len(prompt), merge(streams)),
-                                 media_type="text/event-stream")
+        return event_stream(_stream(state, body, head, len(prompt), merge(streams)))
     choices = [Choice() for _ in params]
     for index, out in await collect(raw_request, merge(streams)):
         choices[index].add(out)

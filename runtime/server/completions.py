@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from runtime.engine.engine import RequestOutput
 from runtime.engine.sampling_params import SamplingParams
 from runtime.server.protocol import CompletionRequest
-from runtime.server.serving import (Choice, ServerState, check_model, collect, completion_logprobs, merge,
-                                    new_request_id, sse, usage)
+from runtime.server.serving import (Choice, ServerState, check_model, collect, completion_logprobs, event_stream,
+                                    merge, new_request_id, sse, usage)
 
 
 def _prepare(state: ServerState, body: CompletionRequest) -> tuple[list[str], list[list[int]], list[SamplingParams]]:
@@ -52,8 +52,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw_req
     created = int(time.time())
     head = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name}
     if body.stream:
-        return StreamingResponse(_stream(state, body, head, texts, prompts, merge(streams)),
-                                 media_type="text/event-stream")
+        return event_stream(_stream(state, body, head, texts, prompts, merge(streams)))
     choices = [Choice() for _ in params]
     for index, out in await collect(raw_request, merge(streams)):
         choices[index].add(out)

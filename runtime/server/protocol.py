@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.engine.sampling_params import InvalidRequestError, SamplingParams
+from runtime.engine.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
 
 MAX_CHOICES = 64
 
@@ -100,6 +100,8 @@ class ChatCompletionRequest(_GenerationRequest):
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError("top_logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
-from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.async_engine import AsyncEngine, EngineDeadError
 from runtime.engine.engine import RequestOutput
 from runtime.engine.sequence import TokenLogprob
 from runtime.server.reasoning import ReasoningFormat
@@ -66,6 +67,19 @@ def new_request_id(prefix: str) -> str:
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response; if the engine dies mid-stream the client gets a final error event, not a cut connection."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except EngineDeadError as exc:
+            yield sse(APIError(503, str(exc), err_type="service_unavailable").body())
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")
 
 
 async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

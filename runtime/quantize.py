@@ -1,0 +1,168 @@
+"""`evalpipe quantize`: write a checkpoint in DeepSeek's FP8 block format or SGLang's W4AFP8 format.
+
+- fp8 (from bf16): every linear layer's weight -> e4m3 + fp32 weight_scale_inv per 128x128 block; embeddings,
+  norms, routers and the LM head unchanged; config.json gets DeepSeek's quantization_config.
+- w4afp8 (from bf16 or fp8): routed experts -> dequantize, round to bf16, per (row, K group) scale = amax/7,
+  q = clamp(round(w/scale), -8, 7), packed two per byte low nibble first, scales fp32 [N, K/G]; every other
+  linear is FP8 block (copied bit for bit from an fp8 input); activation scales amax/448 per expert and GEMM
+  from calibration in act_scales.safetensors (`...experts.E.w1|w2|w3.input_scale`, referenced by the index);
+  config.json loses quantization_config and hf_quant_config.json says MIXED_PRECISION.
+
+Tensors are streamed one at a time and written shard by shard; the result appears at OUT_DIR only when
+complete (it is built in OUT_DIR.partial).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from runtime.checkpoint_writer import ShardWriter
+from runtime.config import config_from_dict, read_hf_config
+from runtime.errors import CheckpointError
+from runtime.layers.linear import Linear
+from runtime.loader import EXPERT_NAME, INDEX_FILE, CheckpointReader, CheckpointTensor
+from runtime.models import MODEL_FAMILIES
+from runtime.parallel import SINGLE
+from runtime.quant import numerics as nx
+from runtime.quant.base import detect_quantization
+from runtime.quant.bf16 import Bf16Config
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("fp8", "w4afp8")
+ACT_SCALES_FILE = "act_scales.safetensors"
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+W4AFP8_HF_QUANT_CONFIG = {
+    "producer": {"name": "evalpipe"},
+    "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None},
+}
+_SKIP_FILES = {"config.json", INDEX_FILE, "hf_quant_config.json", ACT_SCALES_FILE}
+
+
+def _linear_weight_names(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], dict[str, str]]:
+    """(checkpoint names of linear-layer weights, {checkpoint experts prefix: module path}) from the model's own
+    layer definitions, built on the meta device so nothing is allocated."""
+    config = config_from_dict(hf_config, str(model_dir / "config.json"))
+    skeleton = MODEL_FAMILIES[config.architecture](config, Bf16Config(), SINGLE, torch.bfloat16, torch.device("meta"))
+    linear_modules = {name for name, m in skeleton.named_modules() if isinstance(m, Linear)}
+    linears, expert_prefixes = set(), {}
+    for name in reader.names():
+        mapped = skeleton.checkpoint_name(name)
+        if mapped is None:
+            continue
+        expert = EXPERT_NAME.match(name)
+        if expert:
+            expert_prefixes[expert["prefix"]] = EXPERT_NAME.match(mapped)["prefix"]
+        elif name.endswith(".weight") and mapped.removesuffix(".weight") in linear_modules:
+            linears.add(name)
+    return linears, expert_prefixes
+
+
+def _dense_weight(reader: CheckpointReader, src: CheckpointTensor) -> torch.Tensor:
+    """fp32 weight of a bf16/fp32 tensor or of an FP8-block one (dequantized with its weight_scale_inv)."""
+    w = src.read()
+    if w.dtype == nx.FP8_DTYPE:
+        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read())
+    return w.float()
+
+
+def quantize_checkpoint(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    scheme: str,
+    group_size: int = 128,
+    calib_samples: int = 32,
+    calib_max_len: int = 512,
+    device: str = "cpu",
+    max_shard_bytes: int = 4 << 30,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Quantize the checkpoint in `in_dir` into `out_dir` (must not exist yet); returns out_dir."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if scheme not in SCHEMES:
+        raise CheckpointError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} already exists and is not empty")
+    hf_config = read_hf_config(in_dir)
+    config = config_from_dict(hf_config, str(in_dir / "config.json"))
+    source = detect_quantization(in_dir, hf_config)
+    allowed = {"fp8": ("bf16",), "w4afp8": ("bf16", "fp8")}[scheme]
+    if source not in allowed:
+        raise CheckpointError(f"{in_dir} holds a {source} checkpoint; --scheme {scheme} needs {' or '.join(allowed)} input")
+    reader = CheckpointReader(in_dir)
+    linears, expert_prefixes = _linear_weight_names(in_dir, hf_config, reader)
+    if scheme == "w4afp8":
+        if not expert_prefixes:
+            raise CheckpointError(f"{in_dir}: no routed experts to quantize")
+        if group_size <= 0 or group_size % 2:
+            raise CheckpointError(f"--group-size {group_size}: must be a positive even number")
+        inter = getattr(config, "moe_intermediate_size")
+        for what, size in (("hidden_size", config.hidden_size), ("moe_intermediate_size", inter)):
+            if size % group_size:
+                raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}")
+        if calib_samples < 1:
+            raise CheckpointError("--calib-samples must be at least 1 for w4afp8 (activation scales are calibrated)")
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    extra_index: dict[str, str] = {}
+    if scheme == "w4afp8":
+        from runtime.calibration import calibrate_expert_input_scales
+
+        scales = calibrate_expert_input_scales(in_dir, calib_samples, calib_max_len, device)
+        act = {}
+        for ckpt_prefix, module_path in sorted(expert_prefixes.items()):
+            for e, (s13, s2) in enumerate(scales[module_path].tolist()):
+                for proj, value in (("w1", s13), ("w3", s13), ("w2", s2)):
+                    act[f"{ckpt_prefix}.{e}.{proj}.input_scale"] = torch.tensor([value], dtype=torch.float32)
+        save_file(act, str(partial / ACT_SCALES_FILE), metadata={"format": "pt"})
+        extra_index = {name: ACT_SCALES_FILE for name in act}
+
+    writer = ShardWriter(partial, max_shard_bytes)
+    names = reader.names()
+    for i, name in enumerate(sorted(names)):
+        if on_tensor:
+            on_tensor(i, len(names))
+        if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in reader:
+            continue  # written together with its weight
+        src = reader.get(name)
+        expert = EXPERT_NAME.match(name)
+        if expert and expert["suffix"] == "weight" and scheme == "w4afp8":
+            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src).to(torch.bfloat16), group_size)
+            writer.add(name, packed)
+            writer.add(name + "_scale_inv", scale)
+        elif (expert and expert["suffix"] == "weight") or name in linears:
+            if src.dtype == nx.FP8_DTYPE:  # already FP8 block: copied bit for bit
+                writer.add(name, src.read())
+                writer.add(name + "_scale_inv", reader.get(name + "_scale_inv").read())
+            else:
+                q, scale = nx.quantize_fp8_block(src.read().to(torch.bfloat16))
+                writer.add(name, q)
+                writer.add(name + "_scale_inv", scale)
+        else:
+            writer.add(name, src.read())
+    writer.close(extra_index)
+
+    new_config = dict(hf_config)
+    if scheme == "fp8":
+        new_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    else:
+        new_config.pop("quantization_config", None)
+        (partial / "hf_quant_config.json").write_text(json.dumps(W4AFP8_HF_QUANT_CONFIG, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    for f in in_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
+            shutil.copy2(f, partial / f.name)
+    if out_dir.exists():
+        out_dir.rmdir()
+    partial.rename(out_dir)
+    log.info("wrote %s checkpoint to %s", scheme, out_dir)
+    return out_dir

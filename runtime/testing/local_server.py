@@ -1,0 +1,49 @@
+"""A complete server (engine thread + FastAPI app + uvicorn) inside the test process, on 127.0.0.1 and an
+ephemeral port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import uvicorn
+
+from runtime.model_api import CausalLM
+from runtime.server.app import create_app
+from runtime.server.launch import EngineOptions, build_engine, build_state
+
+
+@contextmanager
+def serve_in_thread(app, startup_timeout_s: float = 20.0) -> Iterator[str]:
+    """Run an ASGI app on a background thread; yields the base URL (http://127.0.0.1:PORT)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextmanager
+def local_server(model: CausalLM, tokenizer: Any, name: str, options: EngineOptions, **state_options) -> Iterator[str]:
+    """Serve `model` on CPU under the API name `name`; yields the base URL. `state_options` go to build_state
+    (api_key, reasoning_parser)."""
+    engine = build_engine(model, tokenizer, {tokenizer.eos_token_id}, options, torch.device("cpu"), len(tokenizer))
+    state = build_state(engine, name, **state_options)
+    try:
+        with serve_in_thread(create_app(state)) as url:
+            yield url
+    finally:
+        state.engine.shutdown()
