@@ -12,16 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -31,6 +24,7 @@ from evalpipe.runner import plan_from_config
 from interop_helpers import needs_harness
 from orch_helpers import run_cli, write_config
 from runtime.demo_model import demo_model_path
+from serve_helpers import evalpipe_serve
 
 pytestmark = [pytest.mark.slow, needs_harness("lm-eval")]
 
@@ -51,38 +45,6 @@ MAX_TOKENS = 32
 # last line ('B) Paris'), else nothing.
 LETTER_FILTER = [{"function": "regex", "regex_pattern": r"(?m)^\s*\(?([A-D])[).:]", "group_select": -1},
                  {"function": "take_first"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def evalpipe_serve(model_dir: Path, name: str) -> Iterator[str]:
-    """`evalpipe serve` as a user starts it, on a free loopback port; yields the /v1 base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from evalpipe.cli import main; main()", "serve", "--model", str(model_dir),
-         "--port", str(port), "--served-model-name", name, "--dtype", "float32", "--max-model-len", "1024",
-         "--kv-cache-gib", "0.1", "--max-num-seqs", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "evalpipe serve did not come up"
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
 
 
 def write_card_and_data(tasks_dir: Path, data_dir: Path) -> None:
@@ -131,7 +93,9 @@ def test_lm_eval_client_and_orchestrator_get_the_same_responses_and_score(tmp_pa
     write_lmeval_task(work, [{"id": r.question_id, "prompt": r.messages[-1]["content"], "gold": r.gold}
                              for r in plan.requests])
 
-    with evalpipe_serve(demo_model_path("bf16"), "demo") as base_url:
+    with evalpipe_serve("--model", str(demo_model_path("bf16")), "--served-model-name", "demo", "--dtype", "float32",
+                        "--max-model-len", "1024", "--kv-cache-gib", "0.1", "--max-num-seqs", "4") as server:
+        base_url = server.base_url
         config.write_text(config.read_text().replace("http://127.0.0.1:1/v1", base_url))
         ours = run_cli("run", str(config), "--no-progress")
         assert ours.exit_code == 0, ours.output

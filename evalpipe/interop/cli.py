@@ -12,15 +12,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from evalpipe.interop.crosscheck import CROSSCHECK_JSON, crosscheck_run
+from evalpipe.interop.crosscheck import AGREEMENT_COLUMNS, CROSSCHECK_JSON, agreement_rows, crosscheck_run
 from evalpipe.interop.harnesses import HARNESS_NAMES
 from evalpipe.interop.importers import READERS, write_imported_run
 from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
 from evalpipe.report import results_table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def crosscheck(
@@ -38,12 +34,10 @@ def crosscheck(
         raise typer.BadParameter(f"no such run directory: {run_dir}", param_hint="RUN_DIR")
     entry = crosscheck_run(run_dir, grader, side)
     table = Table(title=f"cross-check of {side} with {grader} {entry['harness_version']}")
-    for column in ("task", "their task", "samples", "agreement %", "ours correct %", "theirs correct %",
-                   "ours only", "theirs only", "ungraded"):
-        table.add_column(column, justify="left" if column in ("task", "their task") else "right")
-    for task, t in entry["tasks"].items():
-        table.add_row(task, t["harness_task"], str(t["graded"]), _pct(t["agreement"]), _pct(t["ours_correct_rate"]),
-                      _pct(t["theirs_correct_rate"]), str(t["ours_only"]), str(t["theirs_only"]), str(t["ungraded"]))
+    for column in AGREEMENT_COLUMNS:
+        table.add_column(column, justify="left" if column in ("task", "their task", "where they part") else "right")
+    for row in agreement_rows(entry):
+        table.add_row(*row)
     stdout.print(table)
     stdout.print(str(run_dir / CROSSCHECK_JSON), highlight=False, soft_wrap=True)
 

@@ -24,6 +24,7 @@ import yaml
 
 from evalpipe.cards import load_card
 from evalpipe.config import parse_config
+from evalpipe.data import Question
 from evalpipe.errors import UserError
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.plan import TaskPlan, option_order
@@ -148,16 +149,17 @@ def _saved_plans(run_dir: Path, tasks: set[str]) -> dict[str, TaskPlan]:
     return {plan.name: plan for plan in plans}
 
 
-def _choices(plan: TaskPlan, question_id: str, sample_index: int) -> list[str]:
-    question = next(q for q in plan.questions if q.id == question_id)
+def _choices(plan: TaskPlan, question: Question, sample_index: int) -> list[str]:
+    """The option texts in the order the sample's prompt showed them."""
     order = list(range(len(question.options)))
     if plan.card.prompt.shuffle_options:
-        order = option_order(plan.card.prompt.shuffle_salt, question_id, sample_index, len(question.options))
+        order = option_order(plan.card.prompt.shuffle_salt, question.id, sample_index, len(question.options))
     return [question.options[i] for i in order]
 
 
 def grader_items(records: Sequence[SampleRecord], plans: dict[str, TaskPlan]) -> list[dict[str, Any]]:
     """One harness_grader item per record (multiple-choice tasks need their plan, for the options shown)."""
+    questions = {name: {q.id: q for q in plan.questions} for name, plan in plans.items()}
     items = []
     for i, r in enumerate(records):
         item: dict[str, Any] = {"id": i, "task": r.task, "content": r.content, "reasoning": r.reasoning,
@@ -167,7 +169,7 @@ def grader_items(records: Sequence[SampleRecord], plans: dict[str, TaskPlan]) ->
             if plan.card_hash != r.card_hash:
                 raise UserError(f"{r.task}: the journal was written under card_hash {r.card_hash} but "
                                 f"tasks/{r.task}.yaml now gives {plan.card_hash}; crosscheck needs the run's protocol")
-            item["choices"] = _choices(plan, r.question_id, r.sample_index)
+            item["choices"] = _choices(plan, questions[r.task][r.question_id], r.sample_index)
         items.append(item)
     return items
 
@@ -221,19 +223,26 @@ def _cell(value: Any) -> str:
     return (text[:60] + "…" if len(text) > 61 else text).replace("|", "\\|")
 
 
+AGREEMENT_COLUMNS = ("task", "their task", "samples", "agreement %", "ours correct %", "theirs correct %",
+                     "ours only", "theirs only", "where they part", "ungraded")
+
+
+def agreement_rows(entry: dict[str, Any]) -> list[list[str]]:
+    """One row per task of a grader's entry, in AGREEMENT_COLUMNS order (report.md and the terminal table)."""
+    return [[task, t["harness_task"], str(t["graded"]), _pct(t["agreement"]), _pct(t["ours_correct_rate"]),
+             _pct(t["theirs_correct_rate"]), str(t["ours_only"]), str(t["theirs_only"]),
+             ", ".join(f"{k} {v}" for k, v in t["where"].items()) or "-", str(t["ungraded"])]
+            for task, t in entry["tasks"].items()]
+
+
 def report_section(entry: dict[str, Any]) -> str:
     """The report.md section of one grader's cross-check: agreement per task, then each disagreement."""
     title = _HARNESS_TITLES.get(entry["harness"], entry["harness"])
     lines = [f"## Cross-check: {title} {entry['harness_version']} ({entry['side']})", "",
              f"The {entry['side']} responses re-graded with {title}'s own answer extraction and grader (no new "
              f"generations). ours only: we count the sample correct and {title} does not; theirs only: the reverse.",
-             "", "| task | their task | samples | agreement % | ours correct % | theirs correct % | ours only | "
-             "theirs only | where they part | ungraded |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for task, t in entry["tasks"].items():
-        where = ", ".join(f"{k} {v}" for k, v in t["where"].items()) or "-"
-        lines.append(f"| {task} | {t['harness_task']} | {t['graded']} | {_pct(t['agreement'])} | "
-                     f"{_pct(t['ours_correct_rate'])} | {_pct(t['theirs_correct_rate'])} | {t['ours_only']} | "
-                     f"{t['theirs_only']} | {where} | {t['ungraded']} |")
+             "", "| " + " | ".join(AGREEMENT_COLUMNS) + " |", "|" + "---|" * len(AGREEMENT_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in agreement_rows(entry)]
     if entry["errors_skipped"] or entry["tasks_skipped"]:
         lines += ["", f"Not graded: {entry['errors_skipped']} transport errors (no response); tasks without a "
                       f"{title} counterpart: {entry['tasks_skipped'] or 'none'}."]
