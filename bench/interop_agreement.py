@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evalpipe.cli import app  # noqa: E402
-from evalpipe.interop.harnesses import HARNESS_NAMES, harness_python  # noqa: E402
 from evalpipe.errors import UserError  # noqa: E402
+from evalpipe.interop.harnesses import HARNESS_NAMES, harness_python  # noqa: E402
 from evalpipe.journal import read_journal  # noqa: E402
 from evalpipe.runner import plan_from_config  # noqa: E402
 from evalpipe.testing.answer_styles import StyledServer, known_questions  # noqa: E402
@@ -72,12 +72,14 @@ def main() -> None:
             config_path.write_text(yaml.safe_dump(config))
             started = time.monotonic()
             run_dir = Path(invoke("run", str(config_path), "--no-progress"))
-            print(f"run: {sum(len(p.requests) for p in plans)} samples in {time.monotonic() - started:.1f} s -> {run_dir}")
+            samples = sum(len(p.requests) for p in plans)
+            print(f"run: {samples} samples in {time.monotonic() - started:.1f} s -> {run_dir}")
             style_of = {(r.task, r.question_id, r.sample_index):
                         server.style_of.get((text_key(r.messages[-1]["content"]), r.seed, 0), "unstyled")
                         for p in plans for r in p.requests}
         print("answer styles used:", json.dumps(dict(sorted(Counter(style_of.values()).items()))))
-        records = {(r.task, r.question_id, r.sample_index): r for r in read_journal(run_dir / "candidate/journal.jsonl")}
+        journal = read_journal(run_dir / "candidate" / "journal.jsonl")
+        records = {(r.task, r.question_id, r.sample_index): r for r in journal}
         for grader in HARNESS_NAMES:
             try:
                 harness_python(grader)

@@ -64,7 +64,8 @@ def test_report_section_is_replaced_not_appended(tmp_path: Path) -> None:
 def test_missing_harness_environment_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     (run_dir / "candidate").mkdir(parents=True)
-    (run_dir / "candidate" / "journal.jsonl").write_text(record("math500", "a", "correct", "5").model_dump_json() + "\n")
+    journal = run_dir / "candidate" / "journal.jsonl"
+    journal.write_text(record("math500", "a", "correct", "5").model_dump_json() + "\n")
     monkeypatch.setenv("EVALPIPE_EVALSCOPE_PYTHON", str(tmp_path / "no-such-venv" / "bin" / "python"))
     result = run_cli("crosscheck", str(run_dir), "--grader", "evalscope")
     assert result.exit_code == 2

@@ -22,7 +22,8 @@ def test_every_class_disagrees_with_some_harness_both_ways() -> None:
     for case in CASES:
         ours = case["expect"]["outcome"] == "correct"
         differs = [h for h, v in case["theirs"].items() if v["correct"] != ours]
-        assert differs, f"not a disagreement: {case['why']}"
+        # A class that was our error agrees once fixed; the case stays to keep it fixed.
+        assert differs or case.get("fixed_in_scoring_version"), f"not a disagreement: {case['why']}"
         kinds |= {"ours_only" if ours else "theirs_only"}
         assert set(case["theirs"]) <= set(HARNESS_NAMES)
     assert kinds == {"ours_only", "theirs_only"}

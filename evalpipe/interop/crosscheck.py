@@ -26,12 +26,12 @@ from evalpipe.cards import load_card
 from evalpipe.config import parse_config
 from evalpipe.data import Question
 from evalpipe.errors import UserError
+from evalpipe.interop.harnesses import harness_python, harnesses, run_harness_grader
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.plan import TaskPlan, option_order
 from evalpipe.records import SampleRecord
 from evalpipe.report import write_json
 from evalpipe.runner import RESOLVED_CONFIG, plan_from_config
-from evalpipe.interop.harnesses import harness_python, harnesses, run_harness_grader
 
 CROSSCHECK_JSON = "crosscheck.json"
 REPORT_ROWS_PER_TASK = 25
@@ -163,7 +163,7 @@ def grader_items(records: Sequence[SampleRecord], plans: dict[str, TaskPlan]) ->
     items = []
     for i, r in enumerate(records):
         item: dict[str, Any] = {"id": i, "task": r.task, "content": r.content, "reasoning": r.reasoning,
-                                "gold": r.gold, "subject": r.labels.get("subject")}
+                                "finish_reason": r.finish_reason, "gold": r.gold, "subject": r.labels.get("subject")}
         plan = plans.get(r.task)
         if plan is not None:
             if plan.card_hash != r.card_hash:

@@ -5,8 +5,8 @@ standard library and the harness, so it works in an environment where evalpipe i
 core environment never imports either harness.
 
 Protocol (JSON, one object per line). stdin: a header `{"tasks": {our task: harness task spec}}` (the entry of
-evalpipe/interop/harnesses.yaml), then one item per sample: `{"id", "task", "content", "reasoning", "gold",
-"choices", "subject"}`. stdout: a header `{"harness", "version"}`, then one verdict per item, in input order:
+evalpipe/interop/harnesses.yaml), then one item per sample: `{"id", "task", "content", "reasoning", "finish_reason",
+"gold", "choices", "subject"}`. stdout: a header `{"harness", "version"}`, then one verdict per item, in input order:
 `{"id", "extracted", "correct", "details", "error"}` (`correct` is null when the harness could not grade it).
 Exit code 3 (one line on stderr) when the harness is not importable here.
 """
@@ -63,8 +63,9 @@ def evalscope_grader(specs: dict[str, dict[str, Any]]) -> Callable[[list[Item]],
         message = ChatCompletionMessage.model_validate(
             {"role": "assistant", "content": item["content"], "reasoning_content": item["reasoning"]}
         )
+        stop_reason = {"stop": "stop", "length": "max_tokens"}.get(item.get("finish_reason") or "", "unknown")
         output = ModelOutput(model=MODEL, choices=[ChatCompletionChoice(
-            message=chat_message_assistant_from_openai(MODEL, message, tools=[]), stop_reason="stop")])
+            message=chat_message_assistant_from_openai(MODEL, message, tools=[]), stop_reason=stop_reason)])
         sample = Sample(input="", target=canonical_gold(spec, item["gold"]), choices=item.get("choices"), id=index)
         state = TaskState(model=MODEL, sample=sample, output=output, completed=True)
         score = adapters[item["task"]].calculate_metrics(state).score

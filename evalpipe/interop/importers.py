@@ -29,13 +29,13 @@ import yaml
 
 from evalpipe import __version__
 from evalpipe.errors import UserError
+from evalpipe.interop.harnesses import harnesses
 from evalpipe.journal import JournalWriter
 from evalpipe.metrics import question_order, summarize_task
 from evalpipe.plan import prompt_hash
 from evalpipe.records import Outcome, SampleRecord, Usage
 from evalpipe.report import report_markdown, write_json
 from evalpipe.runner import RESOLVED_CONFIG, new_run_id
-from evalpipe.interop.harnesses import harnesses
 
 SIDE = "candidate"
 
@@ -251,7 +251,8 @@ def _lmeval_protocol(results: dict[str, Any], task: str, verdict: dict[str, str]
     config.pop("description", None)
     settings = results.get("config") or {}
     return {"harness": "lm-eval", "harness_version": results.get("lm_eval_version"), "task_config": config,
-            "task_version": (results.get("versions") or {}).get(task), "n_shot": (results.get("n-shot") or {}).get(task),
+            "task_version": (results.get("versions") or {}).get(task),
+            "n_shot": (results.get("n-shot") or {}).get(task),
             "gen_kwargs": settings.get("gen_kwargs"), "chat_template_sha": results.get("chat_template_sha"),
             "system_instruction_sha": results.get("system_instruction_sha"),
             "fewshot_as_multiturn": results.get("fewshot_as_multiturn"), "verdict": verdict}
@@ -327,7 +328,8 @@ def _lmeval_record(row: dict[str, Any], task: ImportedTask, verdict: dict[str, s
         task=task.task, card_hash=task.card_hash, question_id=question_id, sample_index=0,
         gold=str(row.get("target")), content=content, attempts=1, extracted=extracted,
         rule=f"lm-eval:{verdict['filter']}:{verdict['metric']}",
-        outcome=imported_outcome(bool(value), None, bool(extracted)), prompt_hash=str(row.get("prompt_hash", ""))[:16] or None,
+        outcome=imported_outcome(bool(value), None, bool(extracted)),
+        prompt_hash=str(row.get("prompt_hash", ""))[:16] or None,
         labels=labels,
     )
 

@@ -52,7 +52,6 @@ class Shown:
 
     answer: str
     wrong: tuple[str, ...]
-    letters: str = ""
     option_of: dict[str, str] | None = None  # letter -> option text (multiple choice, quotable data only)
 
 
@@ -164,7 +163,7 @@ def shown_in(question: KnownQuestion, prompt: str, rnd: Callable[[str], float]) 
         return None
     option_of = {label: option for label, option in zip(labels, question.options)}  # type: ignore[misc]
     right = labels[question.correct_index]
-    return Shown(answer=right, wrong=tuple(x for x in labels if x != right), letters="".join(sorted(option_of)),
+    return Shown(answer=right, wrong=tuple(x for x in labels if x != right),
                  option_of=option_of if question.quotable else None)
 
 
