@@ -21,10 +21,10 @@ import yaml
 from evalpipe.interop.harnesses import harness_python
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
+from evalpipe.testing.serve_process import evalpipe_serve
 from interop_helpers import needs_harness
 from orch_helpers import run_cli, write_config
 from runtime.demo_model import demo_model_path
-from serve_helpers import evalpipe_serve
 
 pytestmark = [pytest.mark.slow, needs_harness("lm-eval")]
 

@@ -8,7 +8,7 @@ import subprocess
 import openai
 import pytest
 
-from serve_helpers import CLI, evalpipe_serve
+from evalpipe.testing.serve_process import CLI, evalpipe_serve
 
 
 @pytest.mark.slow

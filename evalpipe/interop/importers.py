@@ -171,8 +171,9 @@ def read_evalscope(path: Path) -> ImportedRun:
             raise UserError(f"{review_file}: not a review of a configured benchmark ({sorted(benchmarks)})")
         subset = review_file.stem[len(benchmark) + 1:]
         ours, _ = _our_task("evalscope", benchmark)
-        task = tasks.get(ours) or tasks.setdefault(ours, ImportedTask(
-            ours, benchmark, _evalscope_protocol(config, benchmark), sampling))
+        if ours not in tasks:
+            tasks[ours] = ImportedTask(ours, benchmark, _evalscope_protocol(config, benchmark), sampling)
+        task = tasks[ours]
         prediction_file = run_dir / "predictions" / review_file.parent.name / review_file.name
         outputs = {row.get("index"): row.get("model_output") or {}
                    for row in (_read_jsonl(prediction_file) if prediction_file.is_file() else [])}
@@ -300,8 +301,9 @@ def read_lmeval(path: Path) -> ImportedRun:
         if ours in tasks and tasks[ours].protocol != protocol:
             raise UserError(f"lm-eval tasks {tasks[ours].harness_task} and {their_task} both map to {ours} but "
                             f"were run under different settings")
-        task = tasks.setdefault(ours, ImportedTask(ours, their_task, protocol, _lmeval_sampling(results, their_task)))
         spec = harnesses()["lm-eval"].tasks.get(ours)
+        task = tasks.setdefault(ours, ImportedTask(ours, spec.task if spec else their_task, protocol,
+                                                   _lmeval_sampling(results, their_task)))
         id_field = spec.id if spec else None
         chosen = [row for row in rows if row.get("filter") == verdict["filter"]]
         if not chosen:

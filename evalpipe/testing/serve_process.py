@@ -1,4 +1,4 @@
-"""`evalpipe serve` as a user starts it, for tests: a subprocess on a free 127.0.0.1 port, stopped with Ctrl-C."""
+"""`evalpipe serve` as a user starts it (tests, bench): a subprocess on a free 127.0.0.1 port, stopped with Ctrl-C."""
 
 from __future__ import annotations
 
@@ -42,13 +42,15 @@ def evalpipe_serve(*args: str, startup_timeout_s: float = 120.0) -> Iterator[Ser
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
-            assert server.proc.poll() is None, server.proc.stdout.read()
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"evalpipe serve exited: {server.proc.stdout.read()[-3000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "evalpipe serve did not come up"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"evalpipe serve did not answer /health within {startup_timeout_s:g} s")
             time.sleep(0.2)
         yield server
     finally:
