@@ -9,7 +9,8 @@ import typer
 
 from evalpipe import compare_cli, orchestrator_cli
 from evalpipe.interop import cli as interop_cli
-from runtime.server.cli import serve
+from runtime import cli as runtime_cli
+from runtime.server import cli as serve_cli
 
 app = typer.Typer(
     name="evalpipe",
@@ -22,7 +23,8 @@ app = typer.Typer(
 orchestrator_cli.register(app)
 compare_cli.register(app)
 interop_cli.register(app)
-app.command("serve")(serve)
+runtime_cli.register(app)
+serve_cli.register(app)
 
 
 def main() -> None:

@@ -97,8 +97,7 @@ def select_backend(op: str, name: str, device: torch.device | str) -> Backend:
         return max(usable, key=lambda b: b.priority)
     backend = _REGISTRY.get((op, name))
     if backend is None:
-        known = ", ".join(sorted(b.name for b in candidates)) or "none"
-        raise CheckpointError(f"backend {name!r} has no implementation of {op} (available: auto, {known})")
+        raise CheckpointError(f"backend {name!r} has no implementation of {op} (available: auto, {', '.join(backend_names(op))})")
     if not backend.available(device):
         raise CheckpointError(f"backend {name!r} for {op} cannot run on {device}")
     return backend

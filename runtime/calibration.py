@@ -99,7 +99,7 @@ class ExpertAmax:
         paths = []
         for path, module in model.named_modules():
             if isinstance(module, FusedMoE):
-                self.amax[path] = torch.zeros(module.num_local, 2)
+                self.amax[path] = torch.zeros(module.num_local, 2, device=next(module.parameters()).device)
                 module.observer = lambda layer, x, ids, path=path: self._observe(path, layer, x, ids)
                 paths.append(path)
         return paths
@@ -123,11 +123,11 @@ class ExpertAmax:
             if not reached.all():
                 log.warning("%s: %d of %d experts got no calibration tokens; using the layer maximum", path, int((~reached).sum()), len(a))
             filled = torch.where(reached.unsqueeze(-1), a, a.max(dim=0).values)
-            out[path] = filled / FP8_MAX
+            out[path] = (filled / FP8_MAX).cpu()
         return out
 
 
-def calibrate_expert_input_scales(model_dir: str | Path, samples: int, max_len: int = 512, device: str = "cpu") -> dict[str, torch.Tensor]:
+def calibrate_expert_input_scales(model_dir: str | Path, samples: int, max_len: int = 512, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Run the checkpoint on calibration text and return {FusedMoE module path: fp32 [E, 2] input scales}."""
     model_dir = Path(model_dir)
     model, config = load_model(model_dir, dtype="bfloat16", device=device)
@@ -135,4 +135,5 @@ def calibrate_expert_input_scales(model_dir: str | Path, samples: int, max_len: 
     observer.attach(model)
     # One forward over all samples: each layer's experts are dequantized once for the observer.
     prefill_batch(model, list(calibration_token_ids(model_dir, samples, max_len, config.vocab_size)), device=device)
+    del model
     return observer.scales()

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,31 +47,45 @@ W4AFP8_HF_QUANT_CONFIG = {
 _SKIP_FILES = {"config.json", INDEX_FILE, "hf_quant_config.json", ACT_SCALES_FILE}
 
 
-def _linear_weight_names(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], dict[str, str]]:
-    """(checkpoint names of linear-layer weights, {checkpoint experts prefix: module path}) from the model's own
-    layer definitions, built on the meta device so nothing is allocated."""
+def _classify_tensors(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], set[str], dict[str, str]]:
+    """(linear-layer weights, tensors the runtime does not serve, {checkpoint experts prefix: module path}),
+    from the model's own layer definitions, built on the meta device so nothing is allocated."""
     config = config_from_dict(hf_config, str(model_dir / "config.json"))
     skeleton = MODEL_FAMILIES[config.architecture](config, Bf16Config(), SINGLE, torch.bfloat16, torch.device("meta"))
     linear_modules = {name for name, m in skeleton.named_modules() if isinstance(m, Linear)}
-    linears, expert_prefixes = set(), {}
+    linears, unserved, expert_prefixes = set(), set(), {}
     for name in reader.names():
         mapped = skeleton.checkpoint_name(name)
         if mapped is None:
+            unserved.add(name)
             continue
         expert = EXPERT_NAME.match(name)
         if expert:
             expert_prefixes[expert["prefix"]] = EXPERT_NAME.match(mapped)["prefix"]
         elif name.endswith(".weight") and mapped.removesuffix(".weight") in linear_modules:
             linears.add(name)
-    return linears, expert_prefixes
+    return linears, unserved, expert_prefixes
 
 
-def _dense_weight(reader: CheckpointReader, src: CheckpointTensor) -> torch.Tensor:
+def _dense_weight(reader: CheckpointReader, src: CheckpointTensor, device: torch.device) -> torch.Tensor:
     """fp32 weight of a bf16/fp32 tensor or of an FP8-block one (dequantized with its weight_scale_inv)."""
-    w = src.read()
+    w = src.read().to(device)
     if w.dtype == nx.FP8_DTYPE:
-        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read())
+        return nx.dequantize_fp8_block(w, reader.get(src.name + "_scale_inv").read().to(device))
     return w.float()
+
+
+@dataclass(frozen=True)
+class _Job:
+    in_dir: Path
+    scheme: str
+    group_size: int
+    hf_config: dict
+    reader: CheckpointReader
+    linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
+    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged, as TRT-LLM's script does
+    expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
+    device: torch.device  # where calibration and the per-tensor quantization run
 
 
 def quantize_checkpoint(
@@ -84,8 +99,28 @@ def quantize_checkpoint(
     max_shard_bytes: int = 4 << 30,
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Quantize the checkpoint in `in_dir` into `out_dir` (must not exist yet); returns out_dir."""
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    """Quantize the checkpoint in `in_dir` into `out_dir` (must not exist yet or be empty); returns out_dir."""
+    job = _plan(Path(in_dir), Path(out_dir), scheme, group_size, calib_samples, torch.device(device))
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        act_index = _write_act_scales(job, partial, calib_samples, calib_max_len) if scheme == "w4afp8" else {}
+        _write_tensors(job, partial, max_shard_bytes, act_index, on_tensor)
+        _write_configs(job, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
+    if out_dir.exists():
+        out_dir.rmdir()
+    partial.rename(out_dir)
+    log.info("wrote %s checkpoint to %s", scheme, out_dir)
+    return out_dir
+
+
+def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_samples: int, device: torch.device) -> _Job:
+    """Check every precondition before anything is written."""
     if scheme not in SCHEMES:
         raise CheckpointError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -97,72 +132,74 @@ def quantize_checkpoint(
     if source not in allowed:
         raise CheckpointError(f"{in_dir} holds a {source} checkpoint; --scheme {scheme} needs {' or '.join(allowed)} input")
     reader = CheckpointReader(in_dir)
-    linears, expert_prefixes = _linear_weight_names(in_dir, hf_config, reader)
+    linears, unserved, expert_prefixes = _classify_tensors(in_dir, hf_config, reader)
     if scheme == "w4afp8":
         if not expert_prefixes:
             raise CheckpointError(f"{in_dir}: no routed experts to quantize")
         if group_size <= 0 or group_size % 2:
             raise CheckpointError(f"--group-size {group_size}: must be a positive even number")
-        inter = getattr(config, "moe_intermediate_size")
-        for what, size in (("hidden_size", config.hidden_size), ("moe_intermediate_size", inter)):
+        for what, size in (("hidden_size", config.hidden_size), ("moe_intermediate_size", config.moe_intermediate_size)):
             if size % group_size:
-                raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}")
+                hint = " (try --group-size 64)" if size % 64 == 0 else ""
+                raise CheckpointError(f"config.json: {what}={size} is not a multiple of --group-size {group_size}{hint}")
         if calib_samples < 1:
             raise CheckpointError("--calib-samples must be at least 1 for w4afp8 (activation scales are calibrated)")
+    return _Job(in_dir, scheme, group_size, hf_config, reader, linears, unserved, expert_prefixes, device)
 
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    extra_index: dict[str, str] = {}
-    if scheme == "w4afp8":
-        from runtime.calibration import calibrate_expert_input_scales
 
-        scales = calibrate_expert_input_scales(in_dir, calib_samples, calib_max_len, device)
-        act = {}
-        for ckpt_prefix, module_path in sorted(expert_prefixes.items()):
-            for e, (s13, s2) in enumerate(scales[module_path].tolist()):
-                for proj, value in (("w1", s13), ("w3", s13), ("w2", s2)):
-                    act[f"{ckpt_prefix}.{e}.{proj}.input_scale"] = torch.tensor([value], dtype=torch.float32)
-        save_file(act, str(partial / ACT_SCALES_FILE), metadata={"format": "pt"})
-        extra_index = {name: ACT_SCALES_FILE for name in act}
+def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int) -> dict[str, str]:
+    """act_scales.safetensors (w1 == w3 per expert, as TRT-LLM writes them); returns its index entries."""
+    from runtime.calibration import calibrate_expert_input_scales
 
-    writer = ShardWriter(partial, max_shard_bytes)
-    names = reader.names()
-    for i, name in enumerate(sorted(names)):
+    scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, job.device)
+    act = {}
+    for ckpt_prefix, module_path in sorted(job.expert_prefixes.items()):
+        for e, (s13, s2) in enumerate(scales[module_path].tolist()):
+            for proj, value in (("w1", s13), ("w3", s13), ("w2", s2)):
+                act[f"{ckpt_prefix}.{e}.{proj}.input_scale"] = torch.tensor([value], dtype=torch.float32)
+    save_file(act, str(out / ACT_SCALES_FILE), metadata={"format": "pt"})
+    return {name: ACT_SCALES_FILE for name in act}
+
+
+def _write_tensors(job: _Job, out: Path, max_shard_bytes: int, extra_index: dict[str, str], on_tensor) -> None:
+    reader, writer = job.reader, ShardWriter(out, max_shard_bytes)
+    names = sorted(reader.names())
+    for i, name in enumerate(names):
         if on_tensor:
             on_tensor(i, len(names))
+        if name in job.unserved:
+            writer.add(name, reader.get(name).read())
+            continue
         if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in reader:
             continue  # written together with its weight
         src = reader.get(name)
         expert = EXPERT_NAME.match(name)
-        if expert and expert["suffix"] == "weight" and scheme == "w4afp8":
-            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src).to(torch.bfloat16), group_size)
+        is_expert_weight = bool(expert) and expert["suffix"] == "weight"
+        if is_expert_weight and job.scheme == "w4afp8":
+            packed, scale = nx.quantize_w4_groupwise(_dense_weight(reader, src, job.device).to(torch.bfloat16), job.group_size)
             writer.add(name, packed)
             writer.add(name + "_scale_inv", scale)
-        elif (expert and expert["suffix"] == "weight") or name in linears:
+        elif is_expert_weight or name in job.linears:
             if src.dtype == nx.FP8_DTYPE:  # already FP8 block: copied bit for bit
                 writer.add(name, src.read())
                 writer.add(name + "_scale_inv", reader.get(name + "_scale_inv").read())
             else:
-                q, scale = nx.quantize_fp8_block(src.read().to(torch.bfloat16))
+                q, scale = nx.quantize_fp8_block(src.read().to(job.device, torch.bfloat16))
                 writer.add(name, q)
                 writer.add(name + "_scale_inv", scale)
         else:
             writer.add(name, src.read())
     writer.close(extra_index)
 
-    new_config = dict(hf_config)
-    if scheme == "fp8":
+
+def _write_configs(job: _Job, out: Path) -> None:
+    new_config = dict(job.hf_config)
+    if job.scheme == "fp8":
         new_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
     else:
-        new_config.pop("quantization_config", None)
-        (partial / "hf_quant_config.json").write_text(json.dumps(W4AFP8_HF_QUANT_CONFIG, indent=2) + "\n")
-    (partial / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-    for f in in_dir.iterdir():
+        new_config.pop("quantization_config", None)  # SGLang would otherwise detect fp8 and ignore hf_quant_config
+        (out / "hf_quant_config.json").write_text(json.dumps(W4AFP8_HF_QUANT_CONFIG, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    for f in job.in_dir.iterdir():  # tokenizer, chat template, generation config, ...
         if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
-            shutil.copy2(f, partial / f.name)
-    if out_dir.exists():
-        out_dir.rmdir()
-    partial.rename(out_dir)
-    log.info("wrote %s checkpoint to %s", scheme, out_dir)
-    return out_dir
+            shutil.copy2(f, out / f.name)

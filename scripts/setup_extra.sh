@@ -27,7 +27,7 @@ constraints="$repo/constraints-$extra.txt"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating the $extra environment in $venv (on top of $core)" >&2
-  python3 -m venv "$venv"
+  "$core/bin/python" -m venv "$venv"  # the same Python as the environment it sits on
 fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 "$core/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/evalpipe-main-env.pth"

@@ -5,54 +5,12 @@ import json
 
 import pytest
 import torch
+from quant_reference import FP8, TOL, Ckpt, ref_block_dequant, ref_dynamic_act, ref_unpack_int4, routing, w4afp8_reference
 from safetensors import safe_open
 
-from runtime.loader import CheckpointReader
 from runtime.models import load_model
 from runtime.quantize import quantize_checkpoint
 from runtime.synthetic import write_synthetic_deepseek_fp8
-
-FP8 = torch.float8_e4m3fn
-TOL = dict(rtol=1e-2, atol=0.1)
-
-
-def fp8_round(v: torch.Tensor) -> torch.Tensor:
-    return v.clamp(-448, 448).to(FP8).float()
-
-
-def ref_dynamic_act(x: torch.Tensor, group: int = 128) -> torch.Tensor:
-    """Per token and 128-wide group: scale = amax/448, e4m3 round trip."""
-    xf = x.float()
-    out = torch.empty_like(xf)
-    for s in range(0, xf.shape[1], group):
-        g = xf[:, s : s + group]
-        scale = g.abs().amax(dim=1, keepdim=True).clamp_min(1e-10) / 448
-        out[:, s : s + group] = fp8_round(g / scale) * scale
-    return out
-
-
-def ref_block_dequant(w: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
-    out = w.float().clone()
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            out[i * block : (i + 1) * block, j * block : (j + 1) * block] *= s[i, j]
-    return out
-
-
-def ref_unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    b = packed.view(torch.uint8).to(torch.int32)
-    lo, hi = b & 0xF, b >> 4
-    lo, hi = torch.where(lo > 7, lo - 16, lo), torch.where(hi > 7, hi - 16, hi)
-    return torch.stack((lo, hi), dim=-1).flatten(-2).float()
-
-
-class Ckpt:
-    def __init__(self, path):
-        self.reader = CheckpointReader(path)
-
-    def __getitem__(self, name):
-        return self.reader.get(name).read()
-
 
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory):
@@ -63,13 +21,6 @@ def fp8_dir(tmp_path_factory):
 def w4_dir(request, fp8_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"r1w4g{request.param}") / "ckpt"
     return quantize_checkpoint(fp8_dir, out, "w4afp8", group_size=request.param, calib_samples=2, calib_max_len=48)
-
-
-def routing(tokens: int, experts: int, k: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
-    weights = torch.softmax(torch.randn(tokens, k, generator=g), dim=-1)
-    return ids, weights
 
 
 @pytest.mark.parametrize("backend", ["torch", "cached"])
@@ -104,28 +55,6 @@ def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend):
             act = (torch.nn.functional.silu(g) * u).bfloat16()
             ref[t] += 2.5 * weights[t, k] * (ref_dynamic_act(act) @ w["down"].t()).bfloat16().float()[0]
     torch.testing.assert_close(out.float(), ref.bfloat16().float(), **TOL)
-
-
-def w4afp8_reference(ckpt, prefix: str, num_experts: int, x, ids, weights, rsf):
-    """Section 2.4 of w4afp8-sglang.md with fp32 dequantized weights (int4 * bf16-rounded group scale)."""
-    bf = lambda v: v.to(torch.bfloat16).float()  # noqa: E731
-    a1 = max(bf(ckpt[f"{prefix}.{e}.{w}.input_scale"]).item() for e in range(num_experts) for w in ("w1", "w3"))
-    a2 = max(bf(ckpt[f"{prefix}.{e}.w2.input_scale"]).item() for e in range(num_experts))
-
-    def deq(name):
-        q, s = ref_unpack_int4(ckpt[f"{name}.weight"]), bf(ckpt[f"{name}.weight_scale_inv"])
-        return q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
-
-    out = torch.zeros(x.shape[0], x.shape[1])
-    for t in range(x.shape[0]):
-        for k in range(ids.shape[1]):
-            p = f"{prefix}.{int(ids[t, k])}"
-            xq = fp8_round(x[t : t + 1].float() / a1)
-            g, u = (bf(a1 * (xq @ deq(f"{p}.gate_proj").t())), bf(a1 * (xq @ deq(f"{p}.up_proj").t())))
-            yq = fp8_round(torch.nn.functional.silu(g) * u / a2)
-            z = bf(a2 * (yq @ deq(f"{p}.down_proj").t()))
-            out[t] += rsf * weights[t, k] * z[0]
-    return out.bfloat16()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cached"])
@@ -171,9 +100,10 @@ def test_w4afp8_checkpoint_format(fp8_dir, w4_dir):
                 assert torch.equal(s, w.view(n, k // g, g).abs().amax(-1) / 7)
                 err = (ref_unpack_int4(q) * s.repeat_interleave(g, 1) - w).abs()
                 assert (err <= s.repeat_interleave(g, 1) / 2 * (1 + 1e-6)).all()
-    # everything that is not a routed expert is the FP8 release, bit for bit (the MTP layer 3 included)
+    # everything that is not a served routed expert is the FP8 release, bit for bit (the whole MTP layer 3 too)
     for name in ("model.layers.1.self_attn.kv_b_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight_scale_inv",
-                 "model.layers.0.mlp.gate_proj.weight", "model.layers.3.eh_proj.weight", "model.layers.2.mlp.gate.e_score_correction_bias"):
+                 "model.layers.0.mlp.gate_proj.weight", "model.layers.3.eh_proj.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
+                 "model.layers.3.mlp.experts.5.up_proj.weight", "model.layers.3.mlp.experts.5.up_proj.weight_scale_inv"):
         assert torch.equal(src[name].view(torch.uint8), out[name].view(torch.uint8)) if src[name].dtype == FP8 else torch.equal(src[name], out[name])
 
 

@@ -58,3 +58,43 @@ def test_bfloat16_run_stays_close_to_fp32(tiny):
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     # bf16 can flip a near-tie expert choice at a few positions, so bound the mean error, not the max
     assert (ours - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_batched_and_mixed_steps_match_single_sequences(tiny):
+    """Several sequences in one ForwardBatch (different lengths, a decode next to a prefill chunk, padded block
+    tables) give each sequence the logits it gets alone."""
+    from runtime.model_api import ForwardBatch
+    from runtime.standalone import allocate_kv_caches, prefill_batch
+
+    path, _ = tiny
+    model, _ = load_model(path, dtype="float32")
+    seqs = [list(range(5, 25)), list(range(40, 43)), list(range(90, 127))]
+    alone = [prompt_logits(model, s) for s in seqs]
+    for hidden, ref in zip(prefill_batch(model, seqs, block_size=8), alone):
+        torch.testing.assert_close(model.compute_logits(hidden), ref, rtol=1e-5, atol=1e-5)
+
+    # sequence 0 decodes its last token while sequence 2 prefills its whole prompt, in scattered blocks
+    bs = 8
+    caches = allocate_kv_caches(model.kv_cache_spec(), 16, bs)
+    table = torch.tensor([[3, 7, 1, 9, 12, -1, -1], [0, 2, 4, 5, 6, 8, 10]])
+
+    def slots(b, positions):
+        pos = torch.tensor(positions)
+        return table[b, pos // bs] * bs + pos % bs
+
+    def step(parts):  # parts: [(seq index, first position, tokens)]
+        batch = ForwardBatch(
+            input_ids=torch.tensor([t for _, _, toks in parts for t in toks]),
+            positions=torch.tensor([p for _, first, toks in parts for p in range(first, first + len(toks))]),
+            query_lens=[len(toks) for _, _, toks in parts],
+            context_lens=[first + len(toks) for _, first, toks in parts],
+            block_tables=table[[b for b, _, _ in parts]],
+            slot_mapping=torch.cat([slots(b, range(first, first + len(toks))) for b, first, toks in parts]),
+            kv_caches=caches, block_size=bs,
+        )
+        return model.compute_logits(model.forward(batch))
+
+    step([(0, 0, seqs[0][:-1])])
+    out = step([(0, 19, seqs[0][-1:]), (1, 0, seqs[2])])
+    torch.testing.assert_close(out[0], alone[0][-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:], alone[2], rtol=1e-5, atol=1e-5)

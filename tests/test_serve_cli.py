@@ -1,5 +1,5 @@
 """`evalpipe serve` as a user runs it: a subprocess that loads a checkpoint directory, serves on 127.0.0.1,
-answers the openai client and stops cleanly on Ctrl-C; bad arguments give one line and an exit code."""
+answers the openai client and stops cleanly on Ctrl-C; a bad directory or option gives one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -28,8 +28,16 @@ def test_serve_loads_a_checkpoint_and_answers_until_interrupted(tiny_model_dir):
 
 def test_serve_reports_an_unloadable_directory_in_one_line(tmp_path):
     proc = subprocess.run([*CLI, "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("evalpipe serve:") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_names_an_unknown_moe_backend(tiny_model_dir):
+    proc = subprocess.run([*CLI, "--model", str(tiny_model_dir), "--moe-backend", "warp-drive"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'warp-drive'" in proc.stderr and "torch" in proc.stderr  # names the bad value and what exists
 
 
 def test_serve_rejects_an_unknown_quantization_before_loading(tmp_path):

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from runtime.errors import CheckpointError
 from runtime.loader import CheckpointTensor, copy_into
 from runtime.parallel import ParallelContext
 from runtime.quant.base import QuantConfig, new_param
@@ -49,7 +50,7 @@ class Linear(nn.Module):
         count = self.shards[1]
         split = output_size if mode == "column" else input_size
         if mode != "replicated" and split % count:
-            raise ValueError(f"{prefix}: {split} features cannot be split into {count} shards")
+            raise CheckpointError(f"{prefix}: {split} features cannot be split into {count} tensor-parallel shards")
         in_local = input_size // count if mode == "row" else input_size
         out_local = output_size // count if mode == "column" else output_size
         self.quant_method = quant.linear_method(prefix)

@@ -65,15 +65,10 @@ def load_model(
     reader = CheckpointReader(model_dir)
     quant = resolve_quant_config(model_dir, hf_config, reader, quantization, moe_backend=moe_backend, linear_backend=linear_backend)
     family = MODEL_FAMILIES[config.architecture]
-    try:
-        with torch.no_grad():
-            model = family(config, quant, parallel, dtype, device)
-            load_checkpoint(model, reader)
-            model.process_weights_after_loading()
-    except ValueError as e:  # shape / divisibility problems found while building the layers
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{model_dir}: {e}") from None
+    with torch.no_grad():
+        model = family(config, quant, parallel, dtype, device)
+        load_checkpoint(model, reader)
+        model.process_weights_after_loading()
     model.eval()
     log.info(
         "loaded %s (%s, %s) from %s in %.1fs, rank %d/%d",

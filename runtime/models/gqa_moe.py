@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from runtime.config import GqaMoeConfig
+from runtime.errors import CheckpointError
 from runtime.layers.attention import AttentionMetadata, paged_attention
 from runtime.layers.linear import Linear
 from runtime.layers.mlp import GatedMLP
@@ -25,7 +26,7 @@ def kv_head_shards(num_kv_heads: int, parallel: ParallelContext) -> tuple[int, i
         return parallel.rank, ws
     if ws % num_kv_heads == 0:
         return parallel.rank // (ws // num_kv_heads), num_kv_heads
-    raise ValueError(f"num_key_value_heads={num_kv_heads} and tensor-parallel size {ws}: neither divides the other")
+    raise CheckpointError(f"num_key_value_heads={num_kv_heads} and tensor-parallel size {ws}: neither divides the other")
 
 
 class GqaAttention(nn.Module):

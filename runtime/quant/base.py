@@ -33,7 +33,6 @@ def new_param(
     output_dim: int | None = None,
     input_dim: int | None = None,
     expected_loads: int = 1,
-    fill: float | None = None,
     shard_multiple: dict[int, int] | None = None,
     per_expert_scalar: bool = False,
 ) -> nn.Parameter:
@@ -42,8 +41,7 @@ def new_param(
     shard_multiple {dim: m}: when split across ranks, the per-rank size along dim must be a multiple of m (a
     quantization block must not straddle two ranks). per_expert_scalar: one value per expert (input scales).
     """
-    data = torch.empty(shape, dtype=dtype, device=device) if fill is None else torch.full(shape, fill, dtype=dtype, device=device)
-    param = nn.Parameter(data, requires_grad=False)
+    param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     param.output_dim = output_dim
     param.input_dim = input_dim
     param.expected_loads = expected_loads

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import enum
-import logging
 from pathlib import Path
 
 import typer
-
-log = logging.getLogger(__name__)
 
 
 class Quantization(str, enum.Enum):
@@ -16,11 +13,6 @@ class Quantization(str, enum.Enum):
     bf16 = "bf16"
     fp8 = "fp8"
     w4afp8 = "w4afp8"
-
-
-class MoeBackend(str, enum.Enum):
-    auto = "auto"
-    torch = "torch"
 
 
 class Dtype(str, enum.Enum):
@@ -36,7 +28,8 @@ def serve(
     model: Path = typer.Option(..., "--model", help="Model directory (config.json, safetensors, tokenizer).",
                                exists=True, file_okay=False),
     quantization: Quantization = typer.Option(Quantization.auto, help="Weight format; auto detects it."),
-    moe_backend: MoeBackend = typer.Option(MoeBackend.auto, help="MoE implementation; torch is the reference."),
+    moe_backend: str = typer.Option("auto", help="MoE implementation: auto, torch (the reference) or another "
+                                                 "registered backend (checked when the model loads)."),
     dtype: Dtype = typer.Option(Dtype.bfloat16, help="Activation and unquantized-weight dtype."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(30000, min=1, max=65535),
@@ -49,17 +42,20 @@ def serve(
     reasoning_parser: ReasoningParser | None = typer.Option(None, help="Split reasoning into reasoning_content."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
+    from evalpipe.orchestrator_cli import setup_logging
     from runtime.server.launch import ServeOptions, run_server  # heavy imports only when serving
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(
-        model_dir=model, quantization=quantization.value, moe_backend=moe_backend.value, dtype=dtype.value,
+    setup_logging(verbose=False)
+    run_server(ServeOptions(
+        model_dir=model, quantization=quantization.value, moe_backend=moe_backend, dtype=dtype.value,
         host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
         reasoning_parser=reasoning_parser.value if reasoning_parser else None,
-    )
-    try:
-        run_server(options)
-    except (ValueError, OSError) as exc:  # bad checkpoint, config or option: one line, no traceback
-        typer.echo(f"evalpipe serve: {exc}", err=True)
-        raise typer.Exit(1) from None
+    ))
+
+
+def register(app: typer.Typer) -> None:
+    from evalpipe.orchestrator_cli import user_errors
+
+    # A checkpoint or option the runtime cannot use is a UserError: one line on stderr, exit code 2.
+    app.command("serve")(user_errors(serve))

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 import uvicorn
 
+from evalpipe.errors import UserError
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.model_runner import ModelRunner
+from runtime.errors import CheckpointError
 from runtime.model_api import CausalLM
 from runtime.server.app import create_app
 from runtime.server.reasoning import PARSERS
@@ -99,7 +101,11 @@ def run_server(options: ServeOptions) -> None:
     from runtime.models import load_model  # the model families; imported here to keep `evalpipe --help` fast
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(options.model_dir)
+    try:
+        tokenizer = load_tokenizer(options.model_dir)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())  # transformers' messages span lines; the CLI shows one
+        raise CheckpointError(f"{options.model_dir}: cannot load its tokenizer ({reason})") from None
     model, config = load_model(options.model_dir, quantization=options.quantization, dtype=options.dtype,
                                moe_backend=options.moe_backend, device=device)
     engine_options = EngineOptions(
@@ -109,7 +115,10 @@ def run_server(options: ServeOptions) -> None:
         kv_cache_gib=options.kv_cache_gib,
     )
     eos = eos_token_ids(options.model_dir, tokenizer) | set(config.eos_token_ids)
-    engine = build_engine(model, tokenizer, eos, engine_options, device, config.vocab_size)
+    try:
+        engine = build_engine(model, tokenizer, eos, engine_options, device, config.vocab_size)
+    except ValueError as exc:  # a KV budget or context length that cannot work
+        raise UserError(str(exc)) from None
     state = build_state(engine, options.served_model_name or options.model_dir.name, options.api_key,
                         options.reasoning_parser)
     log.info("serving %s as %r on http://%s:%d (max_model_len %d)", options.model_dir, state.model_name,

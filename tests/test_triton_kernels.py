@@ -1,0 +1,84 @@
+"""Triton W4AFP8 MoE and FP8 block linear against the torch reference on CPU, through Triton's interpreter, at
+small shapes (the GPU runs the full shapes in test_gpu_kernels.py). Skips when Triton is not installed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton==3.6.0 to run these)")
+
+from runtime.kernels.fp8_gemm import fp8_block_linear  # noqa: E402
+from runtime.kernels.moe_shapes import MoEShape, synthetic_moe  # noqa: E402
+from runtime.kernels.triton_moe import TritonW4AFp8MoE, route  # noqa: E402
+from runtime.quant import numerics  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = {
+    "demo_like": MoEShape("demo_like", 8, 8, 8, 576, 192, 64),
+    "g128": MoEShape("g128", 6, 6, 2, 256, 128, 128),
+    "ep": MoEShape("ep", 4, 12, 3, 128, 64, 64, expert_offset=4),
+}
+
+
+CASES = [("demo_like", 5, "skewed")] + [(s, m, r) for s in ("g128", "ep") for m in (1, 5, 40) for r in ("uniform", "skewed")]
+
+
+@pytest.mark.parametrize("shape_name,m,routing", CASES)
+def test_triton_moe_matches_reference(shape_name, m, routing):
+    shape = SMALL[shape_name]
+    case = synthetic_moe(shape, m, routing, DEVICE, seed=m)
+    backend = TritonW4AFp8MoE()
+    args = (case.a1, case.a2, case.topk_ids, case.topk_weights, 2.5, shape.expert_offset)
+    out = backend(case.x, *backend.prepare(*case.experts), *args)
+    ref = numerics.w4afp8_moe_ref(case.x, *case.experts, *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=0.1)
+    assert (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
+
+
+def test_triton_moe_clamps_saturating_activations():
+    shape = SMALL["g128"]
+    case = synthetic_moe(shape, 6, "uniform", DEVICE, seed=1, x_scale=8.0)
+    backend = TritonW4AFp8MoE()
+    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
+    out = backend(case.x, *backend.prepare(*case.experts), *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), numerics.w4afp8_moe_ref(case.x, *case.experts, *args).float(), rtol=1e-2, atol=0.1)
+
+
+def test_route_builds_expert_sorted_tiles():
+    ids = torch.tensor([[5, 1], [1, 9], [1, 5]], dtype=torch.int32)  # expert 9 belongs to another rank
+    tiles, row_token, src2dst = route(ids, n_experts=8, expert_offset=0, tile=2, max_tiles=5)
+    # expert 1 has 3 rows -> tiles (1, 0, 2), (1, 2, 1); expert 5 has 2 rows -> (5, 3, 2); the rest are empty.
+    assert tiles[:3].tolist() == [[1, 0, 2], [1, 2, 1], [5, 3, 2]]
+    assert tiles[3:, 2].tolist() == [0, 0]  # unused grid slots have no rows
+    assert row_token.tolist()[:5] == [0, 1, 2, 0, 2]
+    assert src2dst.tolist() == [3, 0, 1, -1, 2, 4]
+
+
+def test_backend_rejects_unprepared_weights():
+    shape = SMALL["g128"]
+    case = synthetic_moe(shape, 2, "uniform", DEVICE)
+    with pytest.raises(ValueError, match="prepare"):
+        TritonW4AFp8MoE()(case.x, *case.experts, case.a1, case.a2, case.topk_ids, case.topk_weights)
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 200, 576), (17, 256, 384)])
+def test_fp8_block_linear_matches_reference(m, n, k):
+    gen = torch.Generator(device=DEVICE).manual_seed(m)
+    w, ws = numerics.quantize_fp8_block(torch.randn(n, k, device=DEVICE, generator=gen) / k**0.5)
+    x = (torch.randn(m, k, device=DEVICE, generator=gen) * 3).to(torch.bfloat16)
+    bias = torch.randn(n, device=DEVICE, generator=gen)
+    out = fp8_block_linear(x, w, ws, bias)
+    torch.testing.assert_close(out.float(), numerics.fp8_block_linear_ref(x, w, ws, bias).float(), rtol=1e-2, atol=0.1)
+
+
+def test_fp8_block_linear_names_bad_scale_shape():
+    w, ws = numerics.quantize_fp8_block(torch.randn(128, 256))
+    with pytest.raises(ValueError, match="weight_scale_inv"):
+        fp8_block_linear(torch.randn(2, 256), w, ws[:, :1])
