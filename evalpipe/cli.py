@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from evalpipe import compare_cli, orchestrator_cli
+from evalpipe.interop import cli as interop_cli
 from runtime import cli as runtime_cli
 from runtime.server import cli as serve_cli
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 
 orchestrator_cli.register(app)
 compare_cli.register(app)
+interop_cli.register(app)
 runtime_cli.register(app)
 serve_cli.register(app)
 

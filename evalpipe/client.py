@@ -9,10 +9,12 @@ set aside for `replica_cooldown` seconds (doubling while it keeps failing) and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ class Outcome:
     latency_s: float
     replica: str | None
     fatal_status: int | None = None  # HTTP status of a non-retried 4xx
+    body: dict[str, Any] | None = None  # the parsed answer of a call other than a chat completion
 
 
 @dataclass
@@ -173,6 +176,15 @@ class EndpointPool:
         return delay
 
     async def complete(self, messages: list[dict[str, str]], params: GenerationParams) -> Outcome:
+        """One chat completion, with retries; never raises for transport or server failures."""
+        return await self._with_retries(lambda replica, deadline: self._chat(replica, messages, params, deadline))
+
+    async def prompt_logprobs(self, model: str, prompt: str | list[int], top_k: int) -> Outcome:
+        """Teacher-forced scoring of `prompt` (text or token ids): /v1/completions with echo, top-k logprobs and
+        one generated token. On success `Outcome.body` is the parsed response (its first choice has `logprobs`)."""
+        return await self._with_retries(lambda replica, deadline: self._echo(replica, model, prompt, top_k, deadline))
+
+    async def _with_retries(self, attempt_once: Callable[[Replica, float], Awaitable[Any]]) -> Outcome:
         start = time.monotonic()
         max_attempts = self.settings.max_retries + 1
         for attempt in range(1, max_attempts + 1):
@@ -180,14 +192,17 @@ class EndpointPool:
             replica.in_flight += 1
             replica.sent += 1
             try:
-                completion = await self._attempt(replica, messages, params)
+                deadline = asyncio.get_running_loop().time() + self.settings.total_timeout
+                with self._translated_errors(deadline):
+                    result = await attempt_once(replica, deadline)
             except _Retryable as exc:
                 error = exc
             except _Fatal as exc:
                 return Outcome(None, str(exc), attempt, time.monotonic() - start, replica.url, exc.status)
             else:
                 self._succeeded(replica)
-                return Outcome(completion, None, attempt, time.monotonic() - start, replica.url)
+                completion, body = (result, None) if isinstance(result, Completion) else (None, result)
+                return Outcome(completion, None, attempt, time.monotonic() - start, replica.url, body=body)
             finally:
                 replica.in_flight -= 1
             self._failed(replica)
@@ -197,28 +212,14 @@ class EndpointPool:
         return Outcome(None, f"{error} (gave up after {max_attempts} attempts)", max_attempts,
                        time.monotonic() - start, replica.url)
 
-    async def _attempt(self, replica: Replica, messages: list[dict[str, str]], p: GenerationParams) -> Completion:
+    @contextlib.contextmanager
+    def _translated_errors(self, deadline: float) -> Iterator[None]:
+        """Sort an attempt's failure into retryable (429, 5xx, connection, stall) or fatal (other 4xx, total
+        timeout)."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.total_timeout
-        kwargs: dict[str, Any] = dict(model=p.model, messages=messages, max_tokens=p.max_tokens,
-                                      temperature=p.temperature, top_p=p.top_p)
-        if p.seed is not None:
-            kwargs["seed"] = p.seed
-        completions = replica.client.chat.completions
-        # Responses are read raw and parsed with json: building SDK objects for every streamed token costs
-        # more CPU than the rest of the pipeline (see bench/orchestrator_overhead.py).
         try:
-            if not s.stream:
-                async with asyncio.timeout_at(deadline):
-                    raw = await completions.with_raw_response.create(**kwargs)
-                    return _from_message(raw.http_response.json())
-            # One timer for the stream: re-armed at every line to min(now + stall_timeout, deadline).
-            async with asyncio.timeout_at(min(loop.time() + s.stall_timeout, deadline)) as timer:
-                async with completions.with_streaming_response.create(
-                    **kwargs, stream=True, stream_options={"include_usage": True}
-                ) as response:
-                    return await self._read_stream(response, timer, deadline)
+            yield
         except TimeoutError:
             if loop.time() >= deadline - 1e-3:
                 raise _Fatal(f"total timeout: no complete answer within {s.total_timeout:g} s") from None
@@ -233,10 +234,47 @@ class EndpointPool:
             raise _Retryable(f"connection error: {exc.__cause__ or exc}") from None
         except (OSError, EOFError, ValueError) as exc:  # ValueError: a body that is not JSON
             raise _Retryable(f"bad or broken response: {type(exc).__name__}: {exc}") from None
+        except (_Retryable, _Fatal):
+            raise
         except Exception as exc:  # noqa: BLE001 - transport errors of the HTTP library (broken chunked stream...)
             if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "h11", "anyio"):
                 raise _Retryable(f"connection error: {type(exc).__name__}: {exc}") from None
             raise
+
+    async def _chat(self, replica: Replica, messages: list[dict[str, str]], p: GenerationParams,
+                    deadline: float) -> Completion:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = dict(model=p.model, messages=messages, max_tokens=p.max_tokens,
+                                      temperature=p.temperature, top_p=p.top_p)
+        if p.seed is not None:
+            kwargs["seed"] = p.seed
+        completions = replica.client.chat.completions
+        # Responses are read raw and parsed with json: building SDK objects for every streamed token costs
+        # more CPU than the rest of the pipeline (see bench/orchestrator_overhead.py).
+        if not s.stream:
+            async with asyncio.timeout_at(deadline):
+                raw = await completions.with_raw_response.create(**kwargs)
+                return _from_message(raw.http_response.json())
+        # One timer for the stream: re-armed at every line to min(now + stall_timeout, deadline).
+        async with asyncio.timeout_at(min(loop.time() + s.stall_timeout, deadline)) as timer:
+            async with completions.with_streaming_response.create(
+                **kwargs, stream=True, stream_options={"include_usage": True}
+            ) as response:
+                return await self._read_stream(response, timer, deadline)
+
+    @staticmethod
+    async def _echo(replica: Replica, model: str, prompt: str | list[int], top_k: int,
+                    deadline: float) -> dict[str, Any]:
+        async with asyncio.timeout_at(deadline):
+            raw = await replica.client.completions.with_raw_response.create(
+                model=model, prompt=prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=top_k)
+            body = raw.http_response.json()
+        choices = body.get("choices") or []
+        logprobs = choices[0].get("logprobs") if choices else None
+        if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
+            raise _Fatal("the server returned no prompt logprobs for echo=true, logprobs=k (it cannot be probed)")
+        return body
 
     async def _read_stream(self, response: Any, timer: asyncio.Timeout, deadline: float) -> Completion:
         loop = asyncio.get_running_loop()

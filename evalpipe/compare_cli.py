@@ -7,35 +7,31 @@ with a gate: 0 pass, 1 regression or inconclusive-as-fail, 2 config error, 3 inf
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.table import Table
 
 from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, comparison_document
 from evalpipe.config import RegistrySide
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
 from evalpipe.junit import junit_xml
-from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
-from evalpipe.planning import plan_rows, planning_baseline
+from evalpipe.planning import detectable_table, planning_baseline
+from evalpipe.probe import add_probe_section, load_probe
 from evalpipe.runner import plan_from_config
 from evalpipe.stored import (
     DEFAULT_REGISTRY_DIR,
-    REGISTRY_FILE,
     StoredSide,
     load_registry,
     load_run_side,
     read_resolved_config,
     resolve_side,
     save_baseline,
+    write_leaderboard,
 )
 from evalpipe.validation import validated
-
-log = logging.getLogger("evalpipe")
 
 RegistryDir = Annotated[str, typer.Option("--registry-dir", help="where stored baselines live")]
 MarginOption = Annotated[float | None, typer.Option("--margin", help="non-inferiority margin, a fraction (0.05 = 5 "
@@ -120,8 +116,11 @@ def gate(
         raise UserError(f"{run_dir} has no baseline side; give --baseline RUN_DIR_OR_REGISTRY_NAME")
     settings = _gate_settings(run_dir, margin, alpha, on_inconclusive)
     comparisons = _compare(candidate, reference, settings)
-    result = apply_gate(comparisons, settings)
     document = _document(comparisons, candidate, reference)
+    # The divergence probe measured the candidate against the run's own baseline server: it counts only there.
+    probe = load_probe(run_dir) if baseline is None else None
+    probe_outcome = add_probe_section(document, probe, settings) if probe is not None else None
+    result = apply_gate(comparisons, settings, probe_outcome)
     document["gate"] = result.to_dict()
     print_comparison(document)
     if junit is not None:
@@ -151,13 +150,7 @@ def plan(
     run_config, plans = plan_from_config(config)
     reference = planning_baseline(run_config, baseline, registry_dir)
     stored = isinstance(run_config.baseline, RegistrySide)
-    header, rows = plan_rows(run_config, plans, reference, power=power)
-    table = Table(title=f"plan for {run_config.name} (alpha from the gate, power {power:g}; nothing sent)")
-    for name in header:
-        table.add_column(name, justify="left" if name in ("task", "variance (per sample)") else "right")
-    for row in rows:
-        table.add_row(*row)
-    stdout.print(table)
+    stdout.print(detectable_table(run_config, plans, reference, power=power))
     stdout.print(f"variance from: {reference.source if reference else 'no baseline data (worst case)'}",
                  highlight=False, soft_wrap=True)
     sides = "the candidate only (stored baseline)" if stored else (
@@ -193,40 +186,13 @@ def baseline_save(
 # evalpipe leaderboard
 
 
-def _leaderboard_runs(results_dir: Path) -> list[LeaderboardRun]:
-    runs = []
-    for summary_path in sorted(results_dir.glob("**/candidate/summary.json")):
-        run_dir = summary_path.parent.parent
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            spec = read_resolved_config(run_dir).get("candidate") or {}
-            comparison_path = run_dir / "comparison.json"
-            comparison = json.loads(comparison_path.read_text(encoding="utf-8")) if comparison_path.is_file() else None
-        except (UserError, json.JSONDecodeError, OSError) as exc:
-            log.warning("skipping %s: %s", run_dir, exc)
-            continue
-        runs.append(LeaderboardRun(summary.get("run_id") or run_dir.name, summary.get("label") or "?",
-                                   spec.get("quantization"), spec.get("engine"), summary, comparison))
-    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
-        stored = load_registry(entry.parent.name, entry.parent.parent)
-        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
-                                   stored.endpoint.get("engine"), stored.summary))
-    return sorted(runs, key=lambda run: run.run_id)
-
-
 def leaderboard(
     results_dir: Annotated[Path, typer.Argument(help="results folder holding runs and baselines")] = Path("results"),
 ) -> None:
     """Write RESULTS_DIR/leaderboard.md and a self-contained RESULTS_DIR/leaderboard.html (a row per run)."""
     setup_logging(False)
-    if not results_dir.is_dir():
-        raise UserError(f"{results_dir}: no such results folder")
-    runs = _leaderboard_runs(results_dir)
-    if not runs:
-        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
-    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
-    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
-    stdout.print(f"{len(runs)} rows: {results_dir / 'leaderboard.md'}, {results_dir / 'leaderboard.html'}",
+    rows = write_leaderboard(results_dir)
+    stdout.print(f"{rows} rows: {results_dir / 'leaderboard.md'}, {results_dir / 'leaderboard.html'}",
                  highlight=False, soft_wrap=True)
 
 

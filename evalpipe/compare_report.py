@@ -67,6 +67,34 @@ def comparison_table(document: dict[str, Any]) -> Table:
     return table
 
 
+def _estimate(entry: dict[str, Any], scale: float = 1.0, digits: int = 4) -> str:
+    lo, hi = entry["ci95"]
+    return f"{scale * entry['value']:.{digits}g} [{scale * lo:.{digits}g}, {scale * hi:.{digits}g}]"
+
+
+def divergence_lines(document: dict[str, Any]) -> list[str]:
+    """The divergence probe's statistics with 95% bootstrap intervals, its limits and its verdict."""
+    section = document.get("divergence")
+    if not section:
+        return []
+    stats = section["statistics"]
+    head = (f"divergence ({section['source']}, top-{section['top_k']} prompt logprobs, {section['prompt_format']}): "
+            f"{section['verdict']}")
+    if stats is None:
+        return [head, f"  - nothing scored: {section['failed']} of {section['attempted']} generations failed"]
+    limits = ", ".join(f"{name} {section[name]:g}" for name in ("max_kld", "min_top1_agreement")
+                       if section.get(name) is not None) or "none (reported only)"
+    return [
+        head,
+        f"  - {stats['n_positions']} positions of {stats['n_sequences']} generations "
+        f"({section['failed']} failed); limits: {limits}",
+        f"  - mean KLD {_estimate(stats['mean_kld'])} nats; p99 KLD {_estimate(stats['p99_kld'])}",
+        f"  - top-1 agreement % {_estimate(stats['top1_agreement'], 100)}; mean |Δ logprob| of the baseline's "
+        f"tokens {_estimate(stats['mean_abs_logprob_change'])}",
+        f"  - [95% bootstrap CI over generations]; KL: {section['approximation']}",
+    ]
+
+
 def gate_lines(document: dict[str, Any]) -> list[str]:
     """One line per task of the gate: its status, the numbers and why."""
     lines = []
@@ -86,6 +114,9 @@ def comparison_markdown(document: dict[str, Any]) -> str:
               "non-inferiority test against -margin.", "", "| " + " | ".join(COLUMNS) + " |",
               "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(document)]
+    if document.get("divergence"):
+        lines += ["", "### Divergence probe (teacher-forced)", ""]
+        lines += [line if line.startswith(" ") else f"- {line}" for line in divergence_lines(document)]
     if document.get("gate"):
         lines += ["", "### Gate", ""] + [line if line.startswith(" ") else f"- {line}" for line in gate_lines(document)]
     for task, t in document["tasks"].items():

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from pydantic_core import PydanticCustomError
 
 from evalpipe.errors import UserError
-from evalpipe.gate import GateConfig
+from evalpipe.gate import DIVERGENCE, GateConfig
 from evalpipe.validation import read_yaml, validated
 
 
@@ -23,16 +23,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServedSide(_Strict):
-    """A side whose server is already running at `base_url` (one URL or a list of replicas of one model).
+class LaunchSpec(_Strict):
+    """A server the orchestrator starts for a side (evalpipe.launch): on a free loopback port, its log in the run
+    dir, stopped when the run ends, fails or is interrupted."""
 
-    Sides are discriminated by how their endpoint is given; a `launch:` variant (the orchestrator starts the
-    server) and a `registry:` variant (a stored baseline) slot in beside this one.
+    engine: Literal["evalpipe", "sglang", "vllm"] = "evalpipe"
+    model: str = Field(min_length=1, description="checkpoint directory (or hub id, for sglang / vllm)")
+    tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel ranks")
+    args: list[str] = Field(default_factory=list, description="extra command-line arguments, appended")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    python: str | None = Field(default=None, description="interpreter that runs the server (default: this one)")
+    startup_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for the server to be healthy")
+
+
+class ServedSide(_Strict):
+    """A side served over the OpenAI API: already running at `base_url` (one URL or a list of replicas of one
+    model), or started by the orchestrator from `launch:` (evalpipe.launch fills base_url in once it is up).
     """
 
     label: str = Field(min_length=1)
-    model: str = Field(min_length=1)
-    base_url: list[str] = Field(min_length=1)
+    model: str = Field(min_length=1, description="the model id the server lists (a launched server serves it so)")
+    base_url: list[str] | None = None
+    launch: LaunchSpec | None = None
     api_key: str | None = None
     quantization: str | None = Field(default=None, description="e.g. fp8-block, w4afp8 (leaderboard column)")
     engine: str | None = Field(default=None, description="e.g. sglang 0.5.2, TP8 (leaderboard column)")
@@ -40,10 +52,13 @@ class ServedSide(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _endpoint_given(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "base_url" not in data:
-            if "launch" in data:
-                raise ValueError("`launch:` (starting the server) is not available in this version; give base_url")
-            raise ValueError("give base_url (the server's OpenAI-compatible /v1 URL, or a list of replicas)")
+        if isinstance(data, dict):
+            given = [key for key in ("base_url", "launch") if data.get(key) is not None]
+            if not given:
+                raise ValueError("give base_url (the server's OpenAI-compatible /v1 URL, or a list of replicas) "
+                                 "or launch: (a server for evalpipe to start)")
+            if len(given) == 2:
+                raise ValueError("give either base_url or launch:, not both")
         return data
 
     @field_validator("base_url", mode="before")
@@ -53,13 +68,24 @@ class ServedSide(_Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _http_urls(cls, urls: list[str]) -> list[str]:
+    def _http_urls(cls, urls: list[str] | None) -> list[str] | None:
+        if urls is None:
+            return None
+        if not urls:
+            raise ValueError("give at least one URL")
         for url in urls:
             if not re.match(r"^https?://[^/\s]+", url):
                 raise ValueError(f"'{url}' is not an http(s) URL")
         if len(set(urls)) != len(urls):
             raise ValueError("replica URLs must be distinct")
         return [u.rstrip("/") for u in urls]
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoint URLs; a launched side has them only once its server is up (evalpipe.launch)."""
+        if self.base_url is None:
+            raise RuntimeError(f"side {self.label!r}: its server has not been launched")
+        return self.base_url
 
 
 REGISTRY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -140,6 +166,36 @@ class TaskEntry(_Strict):
         return self.max_samples if self.adaptive else self.samples
 
 
+class DivergenceEntry(_Strict):
+    """The teacher-forced divergence probe (evalpipe.probe): the baseline's own generations scored on both
+    servers through /v1/completions with echo and top-k prompt logprobs."""
+
+    task: Literal["divergence"]
+    from_registry: str | None = Field(default=None, pattern=REGISTRY_NAME,
+                                      description="take the generations stored with this registry baseline")
+    registry_dir: str = "results/baselines"
+    tasks: list[str] | None = Field(default=None, min_length=1,
+                                    description="whose generations (default: every task of the source)")
+    limit: int = Field(default=32, ge=1, description="generations scored")
+    max_tokens: int = Field(default=1024, ge=1, description="generated tokens scored per generation, at most")
+    top_logprobs: int = Field(default=20, ge=1, le=20, description="alternatives per position (k)")
+    tokenizer: str | None = Field(default=None, description="renders the chat prompt; default: the baseline's "
+                                                            "launched model")
+    bootstrap: int = Field(default=1000, ge=100, description="bootstrap resamples of the generations")
+    seed: int = Field(default=0, ge=0)
+
+
+def _task_kind(data: Any) -> str:
+    task = data.task if isinstance(data, (TaskEntry, DivergenceEntry)) else (data or {}).get("task")
+    return "<divergence>" if task == DIVERGENCE else "<card>"
+
+
+# The tags route validation only; error paths read tasks.<i>.<field> (evalpipe.validation).
+AnyTaskEntry = Annotated[
+    Annotated[TaskEntry, Tag("<card>")] | Annotated[DivergenceEntry, Tag("<divergence>")], Discriminator(_task_kind)
+]
+
+
 class ClientConfig(_Strict):
     stream: bool = True
     stall_timeout: float = Field(default=300.0, gt=0, description="seconds without a token before a retry")
@@ -165,8 +221,10 @@ class RunConfig(_Strict):
     concurrency: int = Field(default=64, ge=1, le=4096)
     candidate: ServedSide
     baseline: BaselineSide | None = None
-    tasks: list[TaskEntry] = Field(min_length=1)
+    tasks: list[AnyTaskEntry] = Field(min_length=1)
     gate: GateConfig | None = None
+    leaderboard: str | None = Field(default=None, description="results folder whose leaderboard.md/.html are "
+                                                              "rewritten after the run")
     client: ClientConfig = Field(default_factory=ClientConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
 
@@ -183,7 +241,9 @@ class RunConfig(_Strict):
     def _comparison_settings(self) -> RunConfig:
         names = [t.task for t in self.tasks]
         for i, entry in enumerate(self.tasks):
-            if entry.adaptive and self.baseline is None:
+            if isinstance(entry, DivergenceEntry):
+                self._check_divergence(i, entry)
+            elif entry.adaptive and self.baseline is None:
                 raise ValueError(f"tasks.{i}.samples: 'auto' needs a baseline (its verdict decides when to stop)")
         if self.gate is not None:
             if self.baseline is None:
@@ -191,7 +251,31 @@ class RunConfig(_Strict):
             unknown = sorted(set(self.gate.tasks) - set(names))
             if unknown:
                 raise ValueError(f"gate.tasks: {unknown} are not tasks of this run ({names})")
+            if self.divergence is None and self.gate.divergence_keys():
+                raise ValueError(f"gate: {self.gate.divergence_keys()} apply to the divergence task, which this run "
+                                 "does not have (add `- task: divergence` to tasks)")
         return self
+
+    def _check_divergence(self, index: int, entry: DivergenceEntry) -> None:
+        if not isinstance(self.baseline, ServedSide):
+            raise ValueError(f"tasks.{index}: the divergence probe scores on both servers; the baseline must be a "
+                             "live endpoint (base_url or launch:), not a registry entry")
+        if entry.from_registry is None:
+            if not self.card_tasks:
+                raise ValueError(f"tasks.{index}: the divergence probe needs generations: add an accuracy task "
+                                 "(the baseline's answers are scored) or set from_registry")
+            unknown = sorted(set(entry.tasks or ()) - {t.task for t in self.card_tasks})
+            if unknown:
+                raise ValueError(f"tasks.{index}.tasks: {unknown} are not accuracy tasks of this run")
+
+    @property
+    def card_tasks(self) -> list[TaskEntry]:
+        """The accuracy tasks (protocol cards), in config order."""
+        return [t for t in self.tasks if isinstance(t, TaskEntry)]
+
+    @property
+    def divergence(self) -> DivergenceEntry | None:
+        return next((t for t in self.tasks if isinstance(t, DivergenceEntry)), None)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evalpipe.comparison import TaskComparison
+from evalpipe.divergence import DivergenceSummary, divergence_verdict
 from evalpipe.stats import VerdictName
 
 EXIT_PASS = 0
@@ -27,6 +28,7 @@ EXIT_CONFIG_ERROR = 2
 EXIT_INFRASTRUCTURE = 3
 
 GateStatus = Literal["pass", "fail", "error"]
+DIVERGENCE = "divergence"  # the task name of the teacher-forced divergence probe
 _EXIT_BY_STATUS: dict[GateStatus, int] = {"pass": EXIT_PASS, "fail": EXIT_REGRESSION, "error": EXIT_INFRASTRUCTURE}
 
 class GateOverride(BaseModel):
@@ -39,6 +41,13 @@ class GateOverride(BaseModel):
     on_inconclusive: Literal["fail", "pass"] | None = None
     max_truncation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_error_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_kld: float | None = Field(default=None, ge=0.0)
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+RULE_FIELDS = ("margin", "alpha", "on_inconclusive", "max_truncation_rate", "max_error_rate", "max_kld",
+               "min_top1_agreement")
+DIVERGENCE_FIELDS = ("max_kld", "min_top1_agreement")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class TaskGate:
     on_inconclusive: Literal["fail", "pass"]
     max_truncation_rate: float
     max_error_rate: float
+    max_kld: float | None = None  # the divergence task's limits (None: not gated on that statistic)
+    min_top1_agreement: float | None = None
 
 
 class GateConfig(BaseModel):
@@ -60,15 +71,23 @@ class GateConfig(BaseModel):
     on_inconclusive: Literal["fail", "pass"] = "fail"
     max_truncation_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     max_error_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    max_kld: float | None = Field(default=None, ge=0.0, description="divergence: mean KL divergence limit (nats)")
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0,
+                                             description="divergence: lowest share of positions with the same top-1")
     tasks: dict[str, GateOverride] = Field(default_factory=dict)
 
     def for_task(self, task: str) -> TaskGate:
         override = self.tasks.get(task, GateOverride())
         chosen = {
             name: getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
-            for name in ("margin", "alpha", "on_inconclusive", "max_truncation_rate", "max_error_rate")
+            for name in RULE_FIELDS
         }
         return TaskGate(**chosen)
+
+    def divergence_keys(self) -> list[str]:
+        """The divergence limits set anywhere in this gate."""
+        sections = [self, *self.tasks.values()]
+        return [name for name in DIVERGENCE_FIELDS if any(getattr(s, name) is not None for s in sections)]
 
 
 @dataclass(frozen=True)
@@ -152,5 +171,50 @@ def decide_task(comparison: TaskComparison, rule: TaskGate) -> TaskDecision:
     return TaskDecision(comparison.task, status, verdict, describe(comparison), tuple(reasons))
 
 
-def apply_gate(comparisons: Mapping[str, TaskComparison], config: GateConfig) -> GateResult:
-    return GateResult({task: decide_task(c, config.for_task(task)) for task, c in comparisons.items()})
+def decide_divergence(summary: DivergenceSummary | None, failed: int, attempted: int, rule: TaskGate,
+                      task: str = DIVERGENCE) -> TaskDecision:
+    """The divergence probe's decision: its limits at the one-sided bounds; "inconclusive" becomes
+    on_inconclusive; more failed generations than max_error_rate (or none scored) is an infrastructure error.
+    Without limits the probe is reported and passes."""
+    error_rate = failed / attempted if attempted else 1.0
+    if summary is None or error_rate > rule.max_error_rate:
+        return TaskDecision(task, "error", "inconclusive", f"{failed} of {attempted} generations could not be scored",
+                            (f"error rate {100 * error_rate:.1f}% exceeds max_error_rate "
+                             f"{100 * rule.max_error_rate:.1f}%: a server did not return prompt logprobs; see "
+                             "divergence/summary.json",))
+    verdict, checks = divergence_verdict(summary, rule.max_kld, rule.min_top1_agreement)
+    numbers = (f"mean KLD {summary.mean_kld.value:.4g} nats, p99 {summary.p99_kld.value:.4g}, top-1 agreement "
+               f"{100 * summary.top1_agreement.value:.2f}%, mean |Δ logprob| "
+               f"{summary.mean_abs_logprob_change.value:.4g} over {summary.n_positions} positions of "
+               f"{summary.n_sequences} generations: {verdict}")
+    if not checks:
+        return TaskDecision(task, "pass", verdict, numbers, ("no max_kld or min_top1_agreement: reported only",))
+    reasons = [f"over the limit: {line}" for state, line in checks if state == "broken"]
+    if verdict == "fail":
+        status: GateStatus = "fail"
+    elif verdict == "inconclusive":
+        status = rule.on_inconclusive
+        unsure = [line for state, line in checks if state == "unsure"] or ["fewer than two generations scored"]
+        reasons = [f"inconclusive (counted as {rule.on_inconclusive}): {line}; score more generations (limit) or "
+                   "tokens (max_tokens)" for line in unsure]
+    else:
+        status = "pass"
+    return TaskDecision(task, status, verdict, numbers, tuple(reasons))
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """What the gate needs of a divergence probe."""
+
+    summary: DivergenceSummary | None
+    failed: int
+    attempted: int
+
+
+def apply_gate(comparisons: Mapping[str, TaskComparison], config: GateConfig,
+               divergence: ProbeOutcome | None = None) -> GateResult:
+    decisions = {task: decide_task(c, config.for_task(task)) for task, c in comparisons.items()}
+    if divergence is not None:
+        decisions[DIVERGENCE] = decide_divergence(divergence.summary, divergence.failed, divergence.attempted,
+                                                  config.for_task(DIVERGENCE))
+    return GateResult(decisions)

@@ -75,12 +75,37 @@ def _text_cell(value: str | None) -> Cell:
     return Cell(value or "-", value or "")
 
 
+def _divergence(run: LeaderboardRun) -> dict | None:
+    return (run.comparison or {}).get("divergence")
+
+
+def _kld_cell(section: dict | None) -> Cell:
+    stats = (section or {}).get("statistics")
+    if not stats:
+        return Cell("-", math.inf)  # sorts after every measured divergence
+    kld = stats["mean_kld"]
+    lo, hi = kld["ci95"]
+    verdict = section.get("verdict", "")
+    return Cell(f"{kld['value']:.4f} [{lo:.4f}, {hi:.4f}] ({verdict})", kld["value"], f"verdict-{verdict}")
+
+
+def _top1_cell(section: dict | None) -> Cell:
+    stats = (section or {}).get("statistics")
+    if not stats:
+        return Cell("-", -math.inf)
+    return Cell(f"{100 * stats['top1_agreement']['value']:.2f}", stats["top1_agreement"]["value"])
+
+
 def table(runs: Sequence[LeaderboardRun]) -> tuple[list[str], list[list[Cell]]]:
-    """Header and rows shared by the markdown and HTML renderings."""
+    """Header and rows shared by the markdown and HTML renderings. Runs with a divergence probe add its mean KL
+    divergence (nats, 95% CI, verdict) and top-1 agreement."""
     tasks = _tasks(runs)
+    with_probe = any(_divergence(run) for run in runs)
     header = ["run", "label", "quantization", "engine"]
     for task in tasks:
         header += [f"{task} acc % [95% CI]", f"{task} Δ pts (verdict)", f"{task} truncated", f"{task} tokens"]
+    if with_probe:
+        header += ["divergence KLD [95% CI] (verdict)", "top-1 agree %"]
     rows = []
     for run in runs:
         row = [_text_cell(run.run_id), _text_cell(run.label), _text_cell(run.quantization), _text_cell(run.engine)]
@@ -88,6 +113,8 @@ def table(runs: Sequence[LeaderboardRun]) -> tuple[list[str], list[list[Cell]]]:
             entry = run.summary.get("tasks", {}).get(task)
             row += [_accuracy_cell(entry), _delta_cell(run.comparison, task), _rate_cell(entry, "truncation_rate"),
                     _tokens_cell(entry)]
+        if with_probe:
+            row += [_kld_cell(_divergence(run)), _top1_cell(_divergence(run))]
         rows.append(row)
     return header, rows
 
@@ -100,6 +127,7 @@ def render_markdown(runs: Sequence[LeaderboardRun]) -> str:
 
     out = ["# evalpipe leaderboard", "",
            "Accuracy in percent with 95% CI; Δ is candidate minus baseline in points with the non-inferiority verdict.",
+           "Divergence: mean teacher-forced KL divergence from the baseline (nats) with 95% CI and verdict.",
            "", line(header), line(["---"] * len(header))]
     out += [line([cell.text for cell in row]) for row in rows]
     return "\n".join(out) + "\n"
@@ -200,7 +228,8 @@ def render_html(runs: Sequence[LeaderboardRun]) -> str:
         cells = []
         for index, cell in enumerate(row):
             css = " ".join(filter(None, ["text" if index < text_columns else "", cell.css]))
-            value = cell.sort if isinstance(cell.sort, str) else ("-1e308" if math.isinf(cell.sort) else repr(cell.sort))
+            value = cell.sort if isinstance(cell.sort, str) else (
+                f"{math.copysign(1e308, cell.sort):g}" if math.isinf(cell.sort) else repr(cell.sort))
             cells.append(f'<td class="{css}" data-value="{e(value)}">{e(cell.text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     charts = "\n".join(_chart(task, runs) for task in _tasks(runs))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -21,13 +22,17 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from evalpipe.cards import available_tasks, load_card
-from evalpipe.compare_report import comparison_table, gate_lines
-from evalpipe.config import RunConfig
+from evalpipe.compare_report import comparison_table, divergence_lines, gate_lines
+from evalpipe.config import RegistrySide, RunConfig, ServedSide
 from evalpipe.errors import UserError
+from evalpipe.launch import SERVER_LOGS, launched_sides, server_command, terminate_on_sigterm
 from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan
+from evalpipe.planning import detectable_table, planning_baseline
+from evalpipe.probe import prepare_probe, run_probe
 from evalpipe.report import plan_table, results_table
-from evalpipe.runner import data_source, execute_run, plan_from_config
+from evalpipe.runner import data_source, execute_run, new_run_dir, plan_from_config, sides_of
+from evalpipe.stored import DEFAULT_REGISTRY_DIR, write_leaderboard
 
 log = logging.getLogger("evalpipe")
 # Wide tables when piped to a file or another program; the terminal width otherwise.
@@ -75,9 +80,18 @@ def run(
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume: no such run directory: {resume}")
     stored_baseline = prepare_baseline(run_config, plans)
+    probe_setup = prepare_probe(run_config)
+    show = progress and sys.stderr.isatty()
+    run_dir = resume or new_run_dir(run_config)
+    probe = None
     try:
-        result = asyncio.run(execute_run(run_config, plans, str(config), resume, progress and sys.stderr.isatty(),
-                                         stages=adaptive_stages(run_config, plans, stored_baseline)))
+        # Servers of `launch:` sides live exactly as long as this block, whatever ends it (SIGTERM included).
+        with terminate_on_sigterm(), launched_sides(run_config, run_dir / SERVER_LOGS, show) as live_config:
+            result = asyncio.run(execute_run(live_config, plans, str(config), resume, show,
+                                             stages=adaptive_stages(live_config, plans, stored_baseline),
+                                             new_dir=run_dir))
+            if probe_setup is not None:
+                probe = run_probe(live_config, probe_setup, plans, result.run_dir, show)
     except KeyboardInterrupt:
         typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)
         raise typer.Exit(130) from None
@@ -89,9 +103,12 @@ def run(
         log.error("every request failed; see the error fields in the journal")
     exit_code = result.exit_code
     if run_config.baseline is not None:
-        document, gate_exit = compare_run(run_config, plans, result, stored_baseline)
+        document, gate_exit = compare_run(live_config, plans, result, stored_baseline, probe)
         print_comparison(document)
         exit_code = max(exit_code, gate_exit)
+    if run_config.leaderboard is not None:
+        rows = write_leaderboard(Path(run_config.leaderboard))
+        log.info("leaderboard: %d rows in %s/leaderboard.{md,html}", rows, run_config.leaderboard)
     stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
     if exit_code:
         raise typer.Exit(exit_code)
@@ -99,19 +116,41 @@ def run(
 
 def print_comparison(document: dict[str, Any]) -> None:
     stdout.print(comparison_table(document))
+    for line in divergence_lines(document):
+        stdout.print(line, highlight=False, soft_wrap=True)
     for line in gate_lines(document):
         stdout.print(line, highlight=False, soft_wrap=True)
 
 
+def _side_line(name: str, spec: ServedSide) -> str:
+    if spec.launch is None:
+        return f"{name} '{spec.label}': model {spec.model} at {', '.join(spec.urls)}"
+    command = shlex.join(server_command(spec.launch, spec.model, "PORT"))
+    return f"{name} '{spec.label}': launches `{command}` (a free loopback port for PORT)"
+
+
 def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
-    spec = config.candidate
-    stdout.print(f"config {config.name}: candidate '{spec.label}' model {spec.model} at {', '.join(spec.base_url)}")
+    stdout.print(f"config {config.name}", highlight=False)
+    for name, spec in sides_of(config):
+        stdout.print(_side_line(name, spec), highlight=False, soft_wrap=True)
+    if isinstance(config.baseline, RegistrySide):
+        stdout.print(f"baseline: registry entry {config.baseline.registry} ({config.baseline.registry_dir})",
+                     highlight=False)
     stdout.print(f"data: {data_source(config)}; concurrency {config.concurrency}; "
                  f"streaming {'on' if config.client.stream else 'off'}")
     stdout.print(plan_table(plans))
     requests = sum(len(p.requests) for p in plans)
     budget = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
     stdout.print(f"total: {requests:,} requests, at most {budget:,} completion tokens per side")
+    if config.baseline is not None:
+        reference = planning_baseline(config, None, DEFAULT_REGISTRY_DIR)
+        stdout.print(detectable_table(config, plans, reference, power=0.8))
+    probe = config.divergence
+    if probe is not None:
+        source = f"registry entry {probe.from_registry}" if probe.from_registry else "this run's baseline answers"
+        stdout.print(f"divergence: up to {probe.limit} generations from {source}, up to {probe.max_tokens} tokens "
+                     f"each, scored teacher-forced on both servers with top-{probe.top_logprobs} prompt logprobs",
+                     highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
 from evalpipe.journal import read_journal
 from evalpipe.plan import TaskPlan
+from evalpipe.probe import ProbeResult, add_probe_section
 from evalpipe.report import write_json
 from evalpipe.runner import BASELINE, CANDIDATE, RunResult, Stages, saved_run_id, sides_of
 from evalpipe.stored import COMPARED_SAMPLING, StoredSide, load_registry
@@ -74,7 +75,7 @@ def prepare_baseline(config: RunConfig, plans: Sequence[TaskPlan]) -> StoredSide
 def _designs(config: RunConfig) -> dict[str, AdaptiveDesign]:
     live_baseline = not isinstance(config.baseline, RegistrySide)
     return {e.task: AdaptiveDesign(e.min_samples, e.max_samples, baseline_adaptive=live_baseline)
-            for e in config.tasks if e.adaptive}
+            for e in config.card_tasks if e.adaptive}
 
 
 def _gate(config: RunConfig) -> GateConfig:
@@ -134,10 +135,11 @@ def adaptive_stages(config: RunConfig, plans: Sequence[TaskPlan], stored: Stored
 
 
 def compare_run(
-    config: RunConfig, plans: Sequence[TaskPlan], result: RunResult, stored: StoredSide | None
+    config: RunConfig, plans: Sequence[TaskPlan], result: RunResult, stored: StoredSide | None,
+    probe: ProbeResult | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Write comparison.json and the comparison section of report.md; return the document and the exit code
-    (the gate's when one is configured, else 0)."""
+    (the gate's when one is configured, else 0). The divergence probe's result, if any, is part of both."""
     run_dir = result.run_dir
     designs = _designs(config)
     results: dict[str, dict[str, TaskResult]] = {}
@@ -157,6 +159,7 @@ def compare_run(
                                 lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha))
     run_id = saved_run_id(run_dir)
     document = comparison_document(comparisons)
+    probe_outcome = add_probe_section(document, probe, config.gate) if probe is not None else None
     document["candidate"] = {"label": config.candidate.label, "source": f"{run_dir}/{CANDIDATE}", "run_id": run_id}
     document["baseline"] = (
         {"label": stored.label, "source": stored.source, "run_id": stored.run_id} if stored is not None
@@ -164,7 +167,7 @@ def compare_run(
     )
     exit_code = 0
     if config.gate is not None:
-        gated = apply_gate(comparisons, config.gate)
+        gated = apply_gate(comparisons, config.gate, probe_outcome)
         document["gate"] = gated.to_dict()
         exit_code = gated.exit_code
     write_json(run_dir / "comparison.json", document)

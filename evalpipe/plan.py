@@ -91,6 +91,17 @@ def render_prompt(card: TaskCard, question: Question, sample_index: int) -> tupl
     return text, gold, letters
 
 
+def render_messages(card: TaskCard, question: Question, sample_index: int
+                    ) -> tuple[tuple[dict[str, str], ...], str, str]:
+    """(chat messages, gold as scored, valid letters) of one sample: the card's system prompt, if any, then the
+    user turn."""
+    user, gold, letters = render_prompt(card, question, sample_index)
+    messages: tuple[dict[str, str], ...] = ({"role": "user", "content": user},)
+    if card.prompt.system is not None:
+        messages = ({"role": "system", "content": card.prompt.system}, *messages)
+    return messages, gold, letters
+
+
 def prompt_hash(messages: tuple[dict[str, str], ...]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:16]
 
@@ -102,10 +113,7 @@ def build_task_plan(card: TaskCard, questions: list[Question], *, samples: int, 
     for sample_index in range(samples):
         s_seed = sample_seed(seed, sample_index)
         for q in questions:
-            user, gold, letters = render_prompt(card, q, sample_index)
-            messages: tuple[dict[str, str], ...] = ({"role": "user", "content": user},)
-            if card.prompt.system is not None:
-                messages = ({"role": "system", "content": card.prompt.system}, *messages)
+            messages, gold, letters = render_messages(card, q, sample_index)
             requests.append(
                 SampleRequest(
                     task=card.name, card_hash=card_hash, question_id=q.id, sample_index=sample_index, seed=s_seed,

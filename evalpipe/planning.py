@@ -8,17 +8,22 @@ available, else from the worst case p = 0.5.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
+from rich.table import Table
 
 from evalpipe.adaptive import AdaptiveDesign
 from evalpipe.config import RegistrySide, RunConfig
+from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig
 from evalpipe.plan import TaskPlan
 from evalpipe.stats import WORST_CASE, minimum_detectable_effect, samples_needed, variance_components
 from evalpipe.stored import StoredSide, load_registry, load_run_side, resolve_side
+
+log = logging.getLogger(__name__)
 
 HEADER = ("task", "questions", "samples", "requests", "max_tokens", "token budget", "tokens expected",
           "variance (per sample)", "detectable Δ pts", "margin pts", "samples for margin")
@@ -30,7 +35,11 @@ def planning_baseline(config: RunConfig, reference: str | None, registry_dir: st
     if reference is not None:
         return resolve_side(reference, registry_dir)
     if isinstance(config.baseline, RegistrySide):
-        return load_registry(config.baseline.registry, config.baseline.registry_dir)
+        try:
+            return load_registry(config.baseline.registry, config.baseline.registry_dir)
+        except UserError as exc:  # planning comes before the baseline exists; `run` insists on it
+            log.warning("%s; planning with the worst-case variance", exc)
+            return None
     side = "baseline" if config.baseline is not None else "candidate"
     for run_dir in sorted(Path(config.output_dir, config.name).glob("*/"), reverse=True):
         if (run_dir / side / "summary.json").is_file():
@@ -48,7 +57,7 @@ def plan_rows(
     config: RunConfig, plans: list[TaskPlan], reference: StoredSide | None, *, power: float
 ) -> tuple[tuple[str, ...], list[list[str]]]:
     gate = config.gate or GateConfig()
-    entries = {entry.task: entry for entry in config.tasks}
+    entries = {entry.task: entry for entry in config.card_tasks}
     stored_baseline = isinstance(config.baseline, RegistrySide)
     rows = []
     for plan in plans:
@@ -85,3 +94,13 @@ def plan_rows(
                 f"unreachable (baseline has {k_baseline})" if k_baseline else "over 1024"),
         ])
     return HEADER, rows
+
+
+def detectable_table(config: RunConfig, plans: list[TaskPlan], reference: StoredSide | None, *, power: float) -> Table:
+    header, rows = plan_rows(config, plans, reference, power=power)
+    table = Table(title=f"plan for {config.name} (alpha from the gate, power {power:g}; nothing sent)")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("task", "variance (per sample)") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

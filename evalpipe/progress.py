@@ -21,27 +21,28 @@ class TokensPerSecond(ProgressColumn):
 
 
 class RunProgress:
-    """Context manager; `advance(record)` after each finished sample."""
+    """Context manager: one bar per (side, task); `advance(side, record)` after each finished sample."""
 
-    def __init__(self, plans: Sequence[TaskPlan], side: str, enabled: bool = True):
+    def __init__(self, plans: Sequence[TaskPlan], sides: Sequence[str], enabled: bool = True):
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TokensPerSecond(),
             TextColumn("errors {task.fields[errors]}"), TimeRemainingColumn(),
             console=Console(stderr=True), disable=not enabled, transient=False,
         )
-        self._ids = {p.name: self._progress.add_task(f"{side}/{p.name}", total=len(p.requests), tokens=0, errors=0)
-                     for p in plans}
-        self._tokens: Counter[str] = Counter()
-        self._errors: Counter[str] = Counter()
+        self._ids = {(side, p.name): self._progress.add_task(f"{side}/{p.name}", total=len(p.requests), tokens=0,
+                                                             errors=0)
+                     for side in sides for p in plans}
+        self._tokens: Counter[tuple[str, str]] = Counter()
+        self._errors: Counter[tuple[str, str]] = Counter()
 
-    def already_done(self, task: str, count: int) -> None:
-        self._progress.update(self._ids[task], completed=count)
+    def already_done(self, side: str, task: str, count: int) -> None:
+        self._progress.update(self._ids[(side, task)], completed=count)
 
-    def advance(self, record: SampleRecord) -> None:
-        self._tokens[record.task] += record.usage.completion_tokens or 0
-        self._errors[record.task] += record.outcome == "error"
-        self._progress.update(self._ids[record.task], advance=1, tokens=self._tokens[record.task],
-                              errors=self._errors[record.task])
+    def advance(self, side: str, record: SampleRecord) -> None:
+        key = (side, record.task)
+        self._tokens[key] += record.usage.completion_tokens or 0
+        self._errors[key] += record.outcome == "error"
+        self._progress.update(self._ids[key], advance=1, tokens=self._tokens[key], errors=self._errors[key])
 
     def __enter__(self) -> RunProgress:
         self._progress.start()

@@ -100,10 +100,12 @@ def plan_table(plans: Sequence[TaskPlan], done: int = 0) -> Table:
 
 def report_markdown(
     *, config_name: str, run_dir: Path, sides: dict[str, tuple[dict[str, Any], dict[str, Any]]],
-    warnings: Sequence[str], config_path: str,
+    warnings: Sequence[str], config_path: str | None,
 ) -> str:
-    lines = [f"# evalpipe run `{config_name}`", "", f"- run dir: `{run_dir}`",
-             f"- resume: `evalpipe run {config_path} --resume {run_dir}`"]
+    """`config_path` None: the run cannot be resumed (e.g. imported from another harness)."""
+    lines = [f"# evalpipe run `{config_name}`", "", f"- run dir: `{run_dir}`"]
+    if config_path is not None:
+        lines.append(f"- resume: `evalpipe run {config_path} --resume {run_dir}`")
     for side, (summary, details) in sides.items():
         endpoint = details.get("endpoint", {})
         lines += ["", f"## {side}: {summary['label']}", ""]

@@ -1,14 +1,16 @@
 """`evalpipe run`: plan, preflight, evaluate one side into its journal, summarize.
 
-A side (today `candidate`; a `baseline` later) is evaluated on a plan shared by all sides, into
+A side (the candidate, and a live baseline) is evaluated on a plan shared by all sides, into
 `<run_dir>/<side>/journal.jsonl` and `<run_dir>/<side>/summary.json`. `execute_run` strings the steps together
 for every side of the config: `plan_from_config` -> `preflight_side` for each side (sends pilots, writes
-nothing) -> `create_run_dir` -> `evaluate_side` for each side -> `write_side_results` -> report.md.
+nothing) -> `create_run_dir` -> `evaluate_side` for each side -> `write_side_results` -> report.md. The sides'
+preflights and evaluations run concurrently, each against its own server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -22,7 +24,7 @@ import yaml
 from evalpipe import __version__
 from evalpipe.cards import load_card
 from evalpipe.client import EndpointPool, GenerationParams, Outcome
-from evalpipe.config import RunConfig, ServedSide, load_config
+from evalpipe.config import RunConfig, ServedSide, TaskEntry, load_config
 from evalpipe.data import load_questions, resolve_data_dir, select_questions
 from evalpipe.errors import EndpointError, UserError
 from evalpipe.journal import JournalWriter, latest_by_key, read_journal
@@ -50,6 +52,8 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
     data_dir = resolve_data_dir(config.data_dir)
     plans = []
     for i, entry in enumerate(config.tasks):
+        if not isinstance(entry, TaskEntry):  # the divergence probe has no card (evalpipe.probe)
+            continue
         where = f"tasks.{i}"
         try:
             card = load_card(entry.task)
@@ -255,12 +259,20 @@ def write_resolved_config(run_dir: Path, config: RunConfig, plans: Sequence[Task
     )
 
 
-def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan]) -> Path:
-    run_id = new_run_id()
-    run_dir = Path(config.output_dir) / config.name / run_id
+def new_run_dir(config: RunConfig) -> Path:
+    """Where a new run goes: <output_dir>/<name>/<run_id> (not created here)."""
+    return Path(config.output_dir) / config.name / new_run_id()
+
+
+def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan], run_dir: Path | None = None) -> Path:
+    """Create the run dir (a new one, or `run_dir`, which may exist already holding only server logs) and write
+    the resolved config into it."""
+    run_dir = run_dir or new_run_dir(config)
     try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        write_resolved_config(run_dir, config, plans, run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / RESOLVED_CONFIG).exists():
+            raise UserError(f"output_dir: {run_dir} already holds a run")
+        write_resolved_config(run_dir, config, plans, run_dir.name)
     except OSError as exc:
         raise UserError(f"output_dir: cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
     return run_dir
@@ -357,34 +369,46 @@ Stages = Callable[[Path], Iterable[list[TaskPlan]]]
 
 async def execute_run(
     config: RunConfig, plans: list[TaskPlan], config_path: str, resume: Path | None, show_progress: bool,
-    stages: Stages | None = None,
+    stages: Stages | None = None, new_dir: Path | None = None,
 ) -> RunResult:
     """Preflight every side, then evaluate each into the run dir and write its results and report.md.
 
-    Without `stages` the whole plan is one stage."""
+    Without `stages` the whole plan is one stage. A new run goes to `new_dir` when given (evalpipe.launch has
+    put the server logs there), else to a fresh directory."""
     sides = sides_of(config)
-    pools = {name: EndpointPool(spec.base_url, spec.api_key, config.client) for name, spec in sides}
+    pools = {name: EndpointPool(spec.urls, spec.api_key, config.client) for name, spec in sides}
     done: dict[str, set[tuple[str, str, int]]] = {}
     pilots: dict[str, list[SampleRecord]] = {}
     try:
-        for name, spec in sides:
+        for name, _ in sides:
             done[name] = answered_keys(load_resumable(resume, config, plans, name) if resume else [])
+
+        async def preflight(name: str, spec: ServedSide) -> list[SampleRecord]:
             if resume:  # the pilot ran when the run started; only check the endpoint again
                 await check_endpoint(pools[name], name, spec, plans)
-                pilots[name] = []
-            else:
-                pilots[name] = await preflight_side(pools[name], name, spec, plans, config, done[name])
+                return []
+            return await preflight_side(pools[name], name, spec, plans, config, done[name])
+
+        # Sides run at the same time (each has its own server); a failure is reported for the first side in order.
+        checked = await asyncio.gather(*(preflight(name, spec) for name, spec in sides), return_exceptions=True)
+        for (name, _), outcome in zip(sides, checked, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            pilots[name] = outcome
         if resume:  # record tasks or samples the config may have added since
             write_resolved_config(resume, config, plans, saved_run_id(resume))
-        run_dir = resume or create_run_dir(config, plans)
+        run_dir = resume or create_run_dir(config, plans, new_dir)
         log.info("run dir: %s", run_dir)
         for stage in stages(run_dir) if stages else [plans]:
-            for name, spec in sides:
-                with RunProgress(stage, name, enabled=show_progress) as bar:
+            with RunProgress(stage, [name for name, _ in sides], enabled=show_progress) as bar:
+                for name, _ in sides:
                     for plan in stage:
-                        bar.already_done(plan.name, sum(r.key in done[name] for r in plan.requests))
-                    await evaluate_side(pools[name], spec, stage, config, run_dir / name / "journal.jsonl",
-                                        done[name], pilots[name], bar.advance)
+                        bar.already_done(name, plan.name, sum(r.key in done[name] for r in plan.requests))
+                await asyncio.gather(*(
+                    evaluate_side(pools[name], spec, stage, config, run_dir / name / "journal.jsonl", done[name],
+                                  pilots[name], functools.partial(bar.advance, name))
+                    for name, spec in sides))
+            for name, _ in sides:
                 # issued now, answered or not: a later stage must not send them again
                 done[name] |= {r.key for p in stage for r in p.requests} | {r.key for r in pilots[name]}
                 pilots[name] = []
@@ -397,7 +421,7 @@ async def execute_run(
     results, warnings, all_failed = {}, [], True
     for name, spec in sides:
         records = read_journal(run_dir / name / "journal.jsonl")
-        endpoint = {"model": spec.model, "base_url": spec.base_url, "concurrency": config.concurrency,
+        endpoint = {"model": spec.model, "base_url": spec.urls, "concurrency": config.concurrency,
                     "requests_sent_this_invocation": sent[name]}
         results[name] = write_side_results(run_dir / name, records, plans, run_id=run_id, config_name=config.name,
                                            label=spec.label, endpoint=endpoint)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from evalpipe.records import Outcome
 
-SCORING_VERSION = 1
+# 2: mc_final_letter_line no longer reads an echoed option list or initials as a choice (found by crosscheck).
+SCORING_VERSION = 2
 
 NO_RULE = "none"
 # Longer predictions are compared as strings only: symbolic parsing of huge expressions can hang.
@@ -151,17 +152,23 @@ def rule_mc_answer_phrase(text: str, letters: str) -> str | None:
 
 
 _LETTER_LINE = re.compile(r"^[\s*_(\[]*([A-Z])(?:\s*[*_]*\s*$|[)\].:])")
+_INITIALS = re.compile(r"^[\s*_(\[]*[A-Z]\.\s*[A-Z]\.")
 
 
 def rule_mc_final_letter_line(text: str, letters: str) -> str | None:
-    """The last non-empty line starts with a lone letter: '**C**', '(C)', 'C) 42 J'."""
+    """The last non-empty line starts with a lone letter: '**C**', '(C)', 'C) 42 J'. Not when the line before it
+    starts with another option's letter (the response ends by listing the options: no choice was made), nor for
+    initials ('B. F. Skinner was ...')."""
     lines = [line for line in _mc_text(text).splitlines() if line.strip()]
     if not lines:
         return None
     match = _LETTER_LINE.match(lines[-1])
-    if match and match.group(1) in letters:
-        return match.group(1)
-    return None
+    if not match or match.group(1) not in letters or _INITIALS.match(lines[-1]):
+        return None
+    previous = _LETTER_LINE.match(lines[-2]) if len(lines) > 1 else None
+    if previous and previous.group(1) in letters and previous.group(1) != match.group(1):
+        return None
+    return match.group(1)
 
 
 EXTRACTION_RULES: dict[str, Rule] = {

@@ -10,6 +10,7 @@ no prompts or responses, so a baseline built on GPQA stores nothing of the encry
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -22,13 +23,21 @@ from evalpipe import __version__
 from evalpipe.comparison import SideOutcomes, TaskResult, outcome_codes
 from evalpipe.config import REGISTRY_NAME
 from evalpipe.errors import UserError
-from evalpipe.journal import read_journal
+from evalpipe.data import question_order_key
+from evalpipe.journal import latest_by_key, read_journal
+from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.records import SampleRecord
 from evalpipe.report import write_json
 from evalpipe.runner import RESOLVED_CONFIG
 
+log = logging.getLogger(__name__)
+
 DEFAULT_REGISTRY_DIR = "results/baselines"
 REGISTRY_FILE = "baseline.json"
+# The answers (no prompts) of the stored side, for the divergence probe (evalpipe.probe). GPQA's terms forbid
+# putting its text where crawlers can read it, and answers quote the question, so its answers are not stored.
+GENERATIONS_FILE = "generations.jsonl"
+UNSTORED_TASKS = ("gpqa_diamond",)
 REGISTRY_FORMAT = 1
 SIDES = ("candidate", "baseline")
 # Sampling settings that must agree between compared sides (samples may differ: the comparison pairs means).
@@ -158,7 +167,25 @@ def save_baseline(
         "tasks": tasks,
     }
     write_json(path, document)
+    rows = generation_rows(run.records)
+    (path.parent / GENERATIONS_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+                                               encoding="utf-8")
     return path
+
+
+def generation_rows(records: list[SampleRecord]) -> list[dict[str, Any]]:
+    """generations.jsonl: each answered sample's content and reasoning with its key and prompt_hash (no prompt),
+    per task in (sample, question) order; GPQA left out."""
+    latest = latest_by_key(records)
+    rows = []
+    for key in sorted(latest, key=lambda k: (latest[k].task, k[2], question_order_key(latest[k].task, k[1]))):
+        r = latest[key]
+        if r.task in UNSTORED_TASKS or r.outcome == "error" or not (r.content or r.reasoning):
+            continue
+        rows.append({"task": r.task, "question_id": r.question_id, "sample_index": r.sample_index,
+                     "card_hash": r.card_hash, "prompt_hash": r.prompt_hash, "content": r.content,
+                     "reasoning": r.reasoning, "finish_reason": r.finish_reason})
+    return rows
 
 
 def load_registry(name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR) -> StoredSide:
@@ -191,3 +218,37 @@ def resolve_side(reference: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR
     if "/" in reference or reference.startswith("."):
         raise UserError(f"{reference}: no such run directory")
     return load_registry(reference, registry_dir)
+
+
+def leaderboard_runs(results_dir: Path) -> list[LeaderboardRun]:
+    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`."""
+    runs = []
+    for summary_path in sorted(results_dir.glob("**/candidate/summary.json")):
+        run_dir = summary_path.parent.parent
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            spec = read_resolved_config(run_dir).get("candidate") or {}
+            comparison_path = run_dir / "comparison.json"
+            comparison = json.loads(comparison_path.read_text(encoding="utf-8")) if comparison_path.is_file() else None
+        except (UserError, json.JSONDecodeError, OSError) as exc:
+            log.warning("skipping %s: %s", run_dir, exc)
+            continue
+        runs.append(LeaderboardRun(summary.get("run_id") or run_dir.name, summary.get("label") or "?",
+                                   spec.get("quantization"), spec.get("engine"), summary, comparison))
+    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
+        stored = load_registry(entry.parent.name, entry.parent.parent)
+        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
+                                   stored.endpoint.get("engine"), stored.summary))
+    return sorted(runs, key=lambda run: run.run_id)
+
+
+def write_leaderboard(results_dir: Path) -> int:
+    """Rewrite `results_dir`/leaderboard.md and leaderboard.html; returns the number of rows."""
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir}: no such results folder")
+    runs = leaderboard_runs(results_dir)
+    if not runs:
+        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
+    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
+    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
+    return len(runs)

@@ -14,10 +14,15 @@ from evalpipe.errors import UserError
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def _dispatch_tag(part: object) -> bool:
+    """A union member's Tag written as <name> only routes validation; it is left out of field paths."""
+    return isinstance(part, str) and part.startswith("<") and part.endswith(">")
+
+
 def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in err["loc"] if not _dispatch_tag(p)) or "(top level)"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
 

@@ -4,12 +4,16 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/setup_env.sh"
 cd "$repo"
-# lm-eval (an independent OpenAI-API client) gets its own environment; without it its test is skipped.
-if [ -z "${EVALPIPE_LMEVAL_PYTHON:-}" ]; then
-  EVALPIPE_LMEVAL_PYTHON="$(bash "$repo/scripts/setup_lmeval_env.sh")" \
-    || { echo "[setup] lm-eval environment unavailable; its test will be skipped" >&2; EVALPIPE_LMEVAL_PYTHON=""; }
-  export EVALPIPE_LMEVAL_PYTHON
-fi
+# lm-eval and EvalScope (independent harnesses: an OpenAI-API client, cross-check graders) each get their own
+# environment on top of this one (scripts/setup_extra.sh); without one, the tests that need it are skipped.
+for extra in lmeval evalscope; do
+  var="EVALPIPE_${extra^^}_PYTHON"
+  if [ -z "${!var:-}" ]; then
+    python_path="$(bash "$repo/scripts/setup_extra.sh" "$extra")" \
+      || { echo "[setup] $extra environment unavailable; its tests will be skipped" >&2; python_path=""; }
+    export "$var=$python_path"
+  fi
+done
 # Tests never reach the network: hub look-ups fail fast instead of waiting on timeouts.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec python -m pytest "$@"

@@ -64,7 +64,8 @@ def test_text_completions_echo_prompt_logprobs() -> None:
         two = client.post("/completions", json=body).json()["choices"][0]
     assert one == two and one["text"].startswith("the cat sat")
     lp = one["logprobs"]
-    assert lp["tokens"][:3] == ["the", "cat", "sat"] and len(lp["tokens"]) == 6
+    assert lp["tokens"][:3] == ["the", " cat", " sat"] and len(lp["tokens"]) == 6
+    assert "".join(lp["tokens"]) == one["text"] and lp["text_offset"][:3] == [0, 3, 7]
     assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
     assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
 

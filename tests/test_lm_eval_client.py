@@ -1,7 +1,7 @@
 """lm-eval 0.4.13 as an independent OpenAI-API client: `local-completions` loglikelihood (echo + prompt logprobs,
 checked against a cache-free forward of the same tokens) and `local-chat-completions` generation.
 
-lm-eval lives in its own environment (scripts/setup_lmeval_env.sh, run by scripts/test.sh, which exports
+lm-eval lives in its own environment (scripts/setup_extra.sh lmeval, run by scripts/test.sh, which exports
 EVALPIPE_LMEVAL_PYTHON); without it this module is skipped.
 """
 
@@ -24,7 +24,7 @@ LMEVAL_PYTHON = os.environ.get("EVALPIPE_LMEVAL_PYTHON", "")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not LMEVAL_PYTHON or not os.path.exists(LMEVAL_PYTHON),
-                       reason="lm-eval environment absent: run scripts/setup_lmeval_env.sh (scripts/test.sh does) "
+                       reason="lm-eval environment absent: run scripts/setup_extra.sh lmeval (scripts/test.sh does) "
                               "and set EVALPIPE_LMEVAL_PYTHON to its python"),
 ]
 

@@ -83,6 +83,7 @@ class Behaviour(BaseModel):
     chunk_words: int = Field(default=8, ge=1, description="words per streamed chunk")
     latency_s: float = Field(default=0.0, ge=0.0, description="delay before every response")
     tokens_per_s: float = Field(default=0.0, ge=0.0, description="pace of streamed tokens; 0 streams at once")
+    logprob_noise: float = Field(default=0.0, ge=0.0, description="shift of completion logprobs (another model)")
     rules: list[Rule] = Field(default_factory=list)
     answer_key: dict[str, AnswerKeyEntry] = Field(default_factory=dict)
     log_path: str | None = Field(default=None, description="append one JSON line per request received")
@@ -433,35 +434,42 @@ class FakeServer:
         seed = request.get("seed")
         self._record({"key": text_key(prompt), "seed": seed, "endpoint": "completions", "t": time.time()})
         generated = _words(min(max_tokens, 64), f"{text_key(prompt)}:{seed}").split(" ")[:max_tokens]
-        tokens = (prompt.split() if request.get("echo") else []) + generated
-        text = (prompt + " " if request.get("echo") else "") + " ".join(generated)
+        words = (prompt.split() if request.get("echo") else []) + generated
+        tokens = [word if i == 0 else " " + word for i, word in enumerate(words)]  # concatenated: the text
+        text = "".join(tokens)
         choice: dict[str, Any] = {"index": 0, "text": text,
                                   "finish_reason": "length" if len(generated) == max_tokens else "stop"}
         top_k = request.get("logprobs")
         if isinstance(top_k, int) and top_k >= 0:
-            choice["logprobs"] = self._logprobs(tokens, top_k)
+            choice["logprobs"] = self._logprobs(tokens, top_k, self.behaviour.logprob_noise)
         return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
                 "model": self.behaviour.model, "choices": [choice],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
                           "total_tokens": prompt_tokens + len(generated)}}
 
     @staticmethod
-    def _logprobs(tokens: list[str], top_k: int) -> dict[str, Any]:
+    def _logprobs(tokens: list[str], top_k: int, noise: float) -> dict[str, Any]:
+        """A token's logprob is a function of (position, token); its alternatives trail it. `noise` shifts every
+        value by up to +-noise (deterministically), as a slightly different model would."""
         token_logprobs: list[float | None] = []
         top: list[dict[str, float] | None] = []
+
+        def shifted(value: float, *salt: object) -> float:
+            return min(0.0, value + noise * (2 * _unit("noise", *salt) - 1)) if noise else value
+
         for i, token in enumerate(tokens):
             if i == 0:
                 token_logprobs.append(None)
                 top.append(None)
                 continue
-            lp = -5.0 * _unit("lp", i, token)
+            lp = shifted(-0.2 - 1.5 * _unit("lp", i, token), i, token)
             token_logprobs.append(lp)
             alternatives = {token: lp}
             for j in range(max(0, top_k - 1)):
-                alternatives[f"{token}~{j}"] = lp - 1.0 - j
+                alternatives[f"{token}~{j}"] = shifted(-2.0 - j, i, token, j)
             top.append(dict(list(alternatives.items())[: max(top_k, 1)]))
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-                "text_offset": [0] * len(tokens)}
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def answer_key_for_plans(plans: list[Any]) -> dict[str, AnswerKeyEntry]:
@@ -482,7 +490,7 @@ def _main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", help="write the chosen port here once listening")
     knobs = ("model", "accuracy", "truncation_rate", "no_answer_rate", "tokens_per_s", "latency_s", "reasoning",
-             "reasoning_words", "chunk_words")
+             "reasoning_words", "chunk_words", "logprob_noise")
     for name in knobs:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=Behaviour.model_fields[name].description)
     args = parser.parse_args()

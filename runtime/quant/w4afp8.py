@@ -23,6 +23,7 @@ from runtime.quant.base import (
     register_quantization,
     replace_param,
 )
+from runtime.quant.faults import plant_w4afp8_faults
 from runtime.quant.fp8 import Fp8BlockLinearMethod
 
 
@@ -71,10 +72,11 @@ register_backend("moe.w4afp8", "batched", _w4afp8_moe_batched, prepare=_dequanti
 
 
 class W4AFp8MoEMethod(MoEMethod):
-    def __init__(self, group_size: int, backend: str, batch_invariant: bool = False):
+    def __init__(self, group_size: int, backend: str, batch_invariant: bool = False, prefix: str = ""):
         self.group_size = group_size
         self.backend_name = backend
         self.batch_invariant = batch_invariant
+        self.prefix = prefix
 
     def create_weights(self, layer, num_experts, hidden, intermediate, dtype, device):
         g, e = self.group_size, num_experts
@@ -95,6 +97,7 @@ class W4AFp8MoEMethod(MoEMethod):
         # One static scale per GEMM: the max over this rank's experts (and over w1/w3), as SGLang.
         replace_param(layer, "w13_input_scale", layer.w13_input_scale.float().max().reshape(1))
         replace_param(layer, "w2_input_scale", layer.w2_input_scale.float().max().reshape(1))
+        plant_w4afp8_faults(layer, self.prefix)  # test-only (EVALPIPE_FAULT); does nothing unless set
         self.backend = select_backend("moe.w4afp8", self.backend_name, layer.w13_weight.device, self.batch_invariant)
         names = {"w13": "w13_weight", "w2": "w2_weight", "w13_scale": "w13_weight_scale_inv", "w2_scale": "w2_weight_scale_inv"}
         self.extras = prepare_backend(self.backend, layer, names)
@@ -147,4 +150,4 @@ class W4AFp8Config(QuantConfig):
         return Fp8BlockLinearMethod(self.block, self.linear_backend, self.batch_invariant)
 
     def moe_method(self, prefix):
-        return W4AFp8MoEMethod(self.group_size, self.moe_backend, self.batch_invariant)
+        return W4AFp8MoEMethod(self.group_size, self.moe_backend, self.batch_invariant, prefix)

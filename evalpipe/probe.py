@@ -1,0 +1,357 @@
+"""The `divergence` task: the baseline's own generations scored teacher-forced on both servers.
+
+Generations come from this run's baseline journal, or from a registry entry's `generations.jsonl` (written by
+`evalpipe baseline save`; prompts are rebuilt from the data, never stored). Each one is sent to both servers as
+one `/v1/completions` request with `echo: true`, `logprobs: k` and `max_tokens: 1`, which any server that returns
+prompt logprobs answers (vLLM, SGLang, ours). With a tokenizer (the baseline's launched model, or the task's
+`tokenizer:`) the prompt is the chat-templated conversation plus the generation, sent as token ids, so the scored
+positions are exactly the generated tokens; without one it is sent as plain text (messages joined by blank
+lines) and the scored positions are found from the returned token texts.
+
+Writes `<run_dir>/divergence/scores.jsonl` (per generation: per-position KL, top-1 agreement, logprob change)
+and `<run_dir>/divergence/summary.json` (the statistics of evalpipe.divergence with bootstrap intervals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from evalpipe.cards import load_card
+from evalpipe.client import EndpointPool, Outcome
+from evalpipe.comparison import overall_verdict
+from evalpipe.config import DivergenceEntry, RunConfig, ServedSide
+from evalpipe.data import load_questions, question_order_key, resolve_data_dir
+from evalpipe.divergence import (
+    KL_APPROXIMATION,
+    DivergenceSummary,
+    ScoredPosition,
+    SequenceScores,
+    divergence_verdict,
+    score_sequence,
+    summarize,
+)
+from evalpipe.errors import UserError
+from evalpipe.gate import DIVERGENCE, GateConfig, ProbeOutcome
+from evalpipe.journal import latest_by_key, read_journal
+from evalpipe.launch import resolve_model
+from evalpipe.plan import TaskPlan, prompt_hash, render_messages
+from evalpipe.records import SampleRecord
+from evalpipe.report import write_json
+from evalpipe.runner import BASELINE, CANDIDATE
+from evalpipe.stored import GENERATIONS_FILE, registry_path
+
+log = logging.getLogger(__name__)
+
+_TEXT_CHARS_PER_TOKEN = 8  # text prompts are cut to max_tokens * this many characters before tokenization
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One baseline answer and the conversation it answered."""
+
+    task: str
+    question_id: str
+    sample_index: int
+    messages: tuple[dict[str, str], ...]
+    text: str
+
+
+def generated_text(content: str | None, reasoning: str | None) -> str:
+    """What the model generated: reasoning and answer joined by `</think>` as DeepSeek-R1 emits them (a server's
+    reasoning parser had split them), else the content as is."""
+    if reasoning:
+        return reasoning + ("</think>" + content if content else "")
+    return content or ""
+
+
+def _interleave(per_task: dict[str, list[Generation]], limit: int) -> list[Generation]:
+    """Round robin over tasks (each already in its fixed order), up to `limit` generations."""
+    chosen: list[Generation] = []
+    queues = [list(items) for items in per_task.values()]
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def run_generations(entry: DivergenceEntry, plans: Sequence[TaskPlan], records: Sequence[SampleRecord]
+                    ) -> list[Generation]:
+    """The baseline's answers in this run, per task in (sample, question) order, interleaved across tasks."""
+    wanted = entry.tasks or [p.name for p in plans]
+    requests = {r.key: r for p in plans if p.name in wanted for r in p.requests}
+    per_task: dict[str, list[Generation]] = {task: [] for task in wanted}
+    latest = latest_by_key(list(records))
+    for key in sorted(latest, key=lambda k: (k[2], question_order_key(latest[k].task, k[1]))):
+        record, request = latest[key], requests.get(key)
+        text = generated_text(record.content, record.reasoning)
+        if request is None or record.outcome == "error" or not text:
+            continue
+        per_task[record.task].append(Generation(record.task, record.question_id, record.sample_index,
+                                                request.messages, text))
+    return _interleave(per_task, entry.limit)
+
+
+def registry_generations(entry: DivergenceEntry, data_dir: Path | None) -> list[Generation]:
+    """A registry entry's stored answers with their prompts rebuilt from the data; an answer whose rebuilt
+    prompt differs from the one it answered (prompt_hash) is refused."""
+    path = registry_path(entry.from_registry, entry.registry_dir).parent / GENERATIONS_FILE
+    if not path.is_file():
+        raise UserError(f"divergence.from_registry: {path} not found; baselines saved by this version of "
+                        "`evalpipe baseline save` store their generations")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    wanted = entry.tasks or sorted({row["task"] for row in rows})
+    per_task: dict[str, list[Generation]] = {task: [] for task in wanted}
+    mismatched = 0
+    for task in wanted:
+        card = load_card(task)
+        questions = {q.id: q for q in load_questions(card, data_dir)}
+        for row in (r for r in rows if r["task"] == task):
+            question = questions.get(row["question_id"])
+            if question is None:
+                continue
+            messages, _, _ = render_messages(card, question, row["sample_index"])
+            if row.get("prompt_hash") and prompt_hash(messages) != row["prompt_hash"]:
+                mismatched += 1
+                continue
+            per_task[task].append(Generation(task, row["question_id"], row["sample_index"], messages,
+                                             generated_text(row.get("content"), row.get("reasoning"))))
+    if mismatched:
+        log.warning("divergence: %d stored generations answered a prompt the current cards no longer render; "
+                    "left out", mismatched)
+    return _interleave(per_task, entry.limit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is sent and which positions are scored
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    generation: Generation
+    prompt: str | list[int]
+    scored_from: int  # token-id prompt: index of the first generated token; text prompt: character offset
+
+
+def build_item(generation: Generation, tokenizer: Any | None, max_tokens: int) -> ProbeItem:
+    if tokenizer is not None:
+        from runtime.server.tokenizer import render_chat
+
+        prompt_ids = render_chat(tokenizer, list(generation.messages), True, {})
+        generated_ids = tokenizer.encode(generation.text, add_special_tokens=False)[:max_tokens]
+        return ProbeItem(generation, prompt_ids + generated_ids, len(prompt_ids))
+    prefix = "\n\n".join(m["content"] for m in generation.messages) + "\n\n"
+    return ProbeItem(generation, prefix + generation.text[: max_tokens * _TEXT_CHARS_PER_TOKEN], len(prefix))
+
+
+def scored_positions(body: dict[str, Any], item: ProbeItem, max_tokens: int) -> list[ScoredPosition]:
+    """The generated positions of an echo response: token, its logprob and top-k, for each."""
+    choice = (body.get("choices") or [{}])[0]
+    block = choice.get("logprobs") or {}
+    tokens, logprobs, tops = block.get("tokens") or [], block.get("token_logprobs") or [], block.get("top_logprobs")
+    tops = tops or [None] * len(tokens)
+    if isinstance(item.prompt, list):
+        start, end = item.scored_from, len(item.prompt)
+    else:
+        prompt_tokens = (body.get("usage") or {}).get("prompt_tokens") or len(tokens) - 1
+        # Characters a server adds in front (a BOS token's text) shift every token's offset.
+        extra = max(0, sum(len(t) for t in tokens[:prompt_tokens]) - len(item.prompt))
+        offset, start = 0, prompt_tokens
+        for i, token in enumerate(tokens[:prompt_tokens]):
+            if offset >= item.scored_from + extra:
+                start = i
+                break
+            offset += len(token)
+        end = min(prompt_tokens, start + max_tokens)
+    if end > len(tokens):
+        raise ValueError(f"the server echoed {len(tokens)} tokens for a prompt of {end}")
+    return [ScoredPosition(tokens[i], float(logprobs[i]), tops[i] or {})
+            for i in range(start, end) if logprobs[i] is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the probe
+
+
+@dataclass
+class ProbeResult:
+    settings: dict[str, Any]
+    scores: list[tuple[Generation, SequenceScores]] = field(default_factory=list)
+    failures: list[tuple[Generation, str]] = field(default_factory=list)
+
+    @property
+    def attempted(self) -> int:
+        return len(self.scores) + len(self.failures)
+
+    def summary(self, alpha: float) -> DivergenceSummary | None:
+        """The statistics with one-sided bounds at `alpha`, or None when nothing was scored."""
+        sequences = [s for _, s in self.scores if len(s)]
+        if not sequences:
+            return None
+        return summarize(sequences, alpha=alpha, resamples=self.settings["bootstrap"], seed=self.settings["seed"])
+
+    def document(self, summary: DivergenceSummary | None) -> dict[str, Any]:
+        """summary.json of the probe (also the `divergence` section of comparison.json, before the verdict)."""
+        return {**self.settings, "approximation": KL_APPROXIMATION, "attempted": self.attempted,
+                "failed": len(self.failures), "errors": [f"{g.task}/{g.question_id}#{g.sample_index}: {e}"
+                                                         for g, e in self.failures[:5]],
+                "statistics": summary.to_dict() if summary else None}
+
+
+@dataclass(frozen=True)
+class ProbeSetup:
+    """What the probe needs, prepared before any server starts (bad input fails fast)."""
+
+    entry: DivergenceEntry
+    tokenizer: Any | None
+    tokenizer_source: str | None
+    stored: list[Generation] | None  # from the registry; None: this run's baseline journal
+
+
+def prepare_probe(config: RunConfig) -> ProbeSetup | None:
+    entry = config.divergence
+    if entry is None:
+        return None
+    source = entry.tokenizer
+    baseline = config.baseline
+    if source is None and isinstance(baseline, ServedSide) and baseline.launch is not None:
+        source = resolve_model(baseline.launch.model)
+    tokenizer = None
+    if source is not None:
+        from runtime.server.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(source)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"divergence.tokenizer: cannot load a tokenizer from {source} "
+                            f"({' '.join(str(exc).split())[:200]})") from None
+    else:
+        log.warning("divergence: no tokenizer (give tasks[].tokenizer or launch the baseline): prompts are sent "
+                    "as plain text without the chat template")
+    stored = registry_generations(entry, resolve_data_dir(config.data_dir)) if entry.from_registry else None
+    if stored is not None and not stored:
+        raise UserError(f"divergence.from_registry: {entry.from_registry} holds no usable generations")
+    return ProbeSetup(entry, tokenizer, source, stored)
+
+
+async def _score_side(pool: EndpointPool, model: str, items: Sequence[ProbeItem], top_k: int, concurrency: int,
+                      advance) -> list[Outcome]:
+    results: list[Outcome | None] = [None] * len(items)
+    queue = iter(range(len(items)))
+
+    async def worker() -> None:
+        for i in queue:
+            results[i] = await pool.prompt_logprobs(model, items[i].prompt, top_k)
+            advance()
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
+    return results  # type: ignore[return-value]
+
+
+async def _score_both(config: RunConfig, items: Sequence[ProbeItem], top_k: int, progress: Progress
+                      ) -> dict[str, list[Outcome]]:
+    sides = {CANDIDATE: config.candidate, BASELINE: config.baseline}
+    pools = {name: EndpointPool(spec.urls, spec.api_key, config.client) for name, spec in sides.items()}
+    bars = {name: progress.add_task(f"divergence/{name}", total=len(items)) for name in sides}
+    try:
+        outcomes = await asyncio.gather(*(
+            _score_side(pools[name], spec.model, items, top_k, config.concurrency,
+                        lambda name=name: progress.advance(bars[name]))
+            for name, spec in sides.items()))
+    finally:
+        for pool in pools.values():
+            await pool.aclose()
+    return dict(zip(sides, outcomes, strict=True))
+
+
+def run_probe(config: RunConfig, setup: ProbeSetup, plans: Sequence[TaskPlan], run_dir: Path,
+              show_progress: bool) -> ProbeResult:
+    """Score the generations on both (live) servers and write divergence/scores.jsonl and summary.json."""
+    entry = setup.entry
+    if setup.stored is not None:
+        generations, source = setup.stored, f"registry:{entry.from_registry}"
+    else:
+        generations = run_generations(entry, plans, read_journal(run_dir / BASELINE / "journal.jsonl"))
+        source = f"{run_dir}/{BASELINE}"
+    items = [build_item(g, setup.tokenizer, entry.max_tokens) for g in generations]
+    settings = {"source": source, "tokenizer": setup.tokenizer_source,
+                "prompt_format": "chat template, token ids" if setup.tokenizer is not None else "plain text",
+                "top_k": entry.top_logprobs, "limit": entry.limit, "max_tokens": entry.max_tokens,
+                "bootstrap": entry.bootstrap, "seed": entry.seed}
+    result = ProbeResult(settings)
+    log.info("divergence: scoring %d baseline generations on both servers (echo, top-%d logprobs)", len(items),
+             entry.top_logprobs)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not show_progress) as progress:
+        outcomes = asyncio.run(_score_both(config, items, entry.top_logprobs, progress))
+    for i, item in enumerate(items):
+        cand, base = outcomes[CANDIDATE][i], outcomes[BASELINE][i]
+        failed = next((f"{name}: {o.error}" for name, o in ((BASELINE, base), (CANDIDATE, cand)) if o.body is None),
+                      None)
+        if failed is None:
+            try:
+                scores = score_sequence(scored_positions(base.body, item, entry.max_tokens),
+                                        scored_positions(cand.body, item, entry.max_tokens))
+                result.scores.append((item.generation, scores))
+                continue
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                failed = f"unusable logprobs: {exc}"
+        result.failures.append((item.generation, failed))
+    write_probe(run_dir, result, (config.gate or GateConfig()).for_task(DIVERGENCE).alpha)
+    return result
+
+
+def add_probe_section(document: dict[str, Any], result: ProbeResult, gate: GateConfig | None) -> ProbeOutcome:
+    """Add the `divergence` section (statistics, limits, verdict) to a comparison document, fold its verdict into
+    the document's, and return what the gate needs."""
+    rule = (gate or GateConfig()).for_task(DIVERGENCE)
+    summary = result.summary(rule.alpha)
+    verdict = divergence_verdict(summary, rule.max_kld, rule.min_top1_agreement)[0] if summary else "inconclusive"
+    document[DIVERGENCE] = {**result.document(summary), "max_kld": rule.max_kld,
+                            "min_top1_agreement": rule.min_top1_agreement, "verdict": verdict}
+    document["verdict"] = overall_verdict([*(t["verdict"] for t in document["tasks"].values()), verdict])
+    return ProbeOutcome(summary, len(result.failures), result.attempted)
+
+
+SCORES_FILE, SUMMARY_FILE = "scores.jsonl", "summary.json"
+
+
+def write_probe(run_dir: Path, result: ProbeResult, alpha: float) -> None:
+    folder = run_dir / DIVERGENCE
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / SCORES_FILE, "w", encoding="utf-8") as out:
+        for generation, scores in result.scores:
+            out.write(json.dumps({"task": generation.task, "question_id": generation.question_id,
+                                  "sample_index": generation.sample_index, **scores.to_dict()}) + "\n")
+        for generation, error in result.failures:
+            out.write(json.dumps({"task": generation.task, "question_id": generation.question_id,
+                                  "sample_index": generation.sample_index, "error": error}) + "\n")
+    write_json(folder / SUMMARY_FILE, result.document(result.summary(alpha)))
+
+
+def load_probe(run_dir: Path) -> ProbeResult | None:
+    """A finished run's probe, from its files (None when the run had none)."""
+    folder = run_dir / DIVERGENCE
+    if not (folder / SUMMARY_FILE).is_file():
+        return None
+    document = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    settings = {key: document[key] for key in ("source", "tokenizer", "prompt_format", "top_k", "limit",
+                                               "max_tokens", "bootstrap", "seed")}
+    result = ProbeResult(settings)
+    for line in (folder / SCORES_FILE).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        generation = Generation(row["task"], row["question_id"], row["sample_index"], (), "")
+        if "error" in row:
+            result.failures.append((generation, row["error"]))
+        else:
+            result.scores.append((generation, SequenceScores.from_dict(row)))
+    return result
