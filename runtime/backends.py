@@ -19,6 +19,10 @@ names replace the layer's tensors (e.g. scales re-laid out for a kernel), any ot
 
 Kernel packages register on import; `runtime.kernels`, if present, is imported before the first selection so
 its backends are known without the caller importing it.
+
+`batch_invariant=True` declares that a backend computes each token's result the same way whatever else is in the
+batch, given `runtime.batch_invariant`'s fixed-shape matmuls: its algorithm may depend on the layer's shapes but
+not on the number of tokens or on which experts they pick. Deterministic serving only selects such backends.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Backend:
     prepare: Callable[..., dict] | None
     available: Callable[[torch.device], bool]
     priority: int  # "auto" picks the available backend with the highest priority
+    batch_invariant: bool
 
 
 _REGISTRY: dict[tuple[str, str], Backend] = {}
@@ -57,13 +62,14 @@ def register_backend(
     prepare: Callable[..., dict] | None = None,
     available: Callable[[torch.device], bool] | None = None,
     priority: int = 0,
+    batch_invariant: bool = False,
 ) -> Backend:
     """Add (or replace) backend `name` for operation `op`. `available(device)` says whether it can run there."""
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPERATIONS)}")
     if name == "auto":
         raise ValueError("'auto' is reserved for automatic selection")
-    backend = Backend(op, name, run, prepare, available or (lambda device: True), priority)
+    backend = Backend(op, name, run, prepare, available or (lambda device: True), priority, batch_invariant)
     _REGISTRY[(op, name)] = backend
     return backend
 
@@ -85,19 +91,27 @@ def backend_names(op: str) -> list[str]:
     return sorted(name for (o, name) in _REGISTRY if o == op)
 
 
-def select_backend(op: str, name: str, device: torch.device | str) -> Backend:
-    """The backend called `name` for `op` ("auto": the highest-priority one available on `device`)."""
+def select_backend(op: str, name: str, device: torch.device | str, batch_invariant: bool = False) -> Backend:
+    """The backend called `name` for `op` ("auto": the highest-priority one available on `device`).
+
+    batch_invariant: only backends declared batch-invariant qualify (deterministic serving).
+    """
     _import_plugins()
     device = torch.device(device)
-    candidates = [b for (o, _), b in _REGISTRY.items() if o == op]
+    candidates = [b for (o, _), b in _REGISTRY.items() if o == op and (b.batch_invariant or not batch_invariant)]
     if name == "auto":
         usable = [b for b in candidates if b.available(device)]
         if not usable:
-            raise CheckpointError(f"no backend for {op} can run on {device}")
+            kind = "batch-invariant backend" if batch_invariant else "backend"
+            raise CheckpointError(f"no {kind} for {op} can run on {device}")
         return max(usable, key=lambda b: b.priority)
     backend = _REGISTRY.get((op, name))
     if backend is None:
         raise CheckpointError(f"backend {name!r} has no implementation of {op} (available: auto, {', '.join(backend_names(op))})")
+    if batch_invariant and not backend.batch_invariant:
+        usable = ", ".join(b.name for b in candidates)
+        raise CheckpointError(f"backend {name!r} for {op} is not batch-invariant, as deterministic mode requires "
+                              f"(batch-invariant: auto, {usable})")
     if not backend.available(device):
         raise CheckpointError(f"backend {name!r} for {op} cannot run on {device}")
     return backend

@@ -43,6 +43,8 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64, cache slot that each new token's K/V is written to
     kv_caches: list[torch.Tensor]  # one per layer, [num_slots, *KVCacheSpec.token_shape]
     block_size: int
+    # True: each sequence's results must not depend on the other sequences of the batch (per-sequence attention).
+    batch_invariant: bool = False
 
 
 class CausalLM(Protocol):

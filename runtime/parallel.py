@@ -35,23 +35,39 @@ class SingleProcessComm:
 
 
 class TorchDistributedComm:
-    """Collectives over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    """Collectives over a torch.distributed process group (gloo on CPU, NCCL on GPU; None = the default group,
+    looked up at call time, so a model can be built before the group exists).
 
-    def __init__(self, group=None):
+    ordered: sum in rank order (all-gather, then add rank 0's part, rank 1's, ...), so that an element's result
+    does not depend on where it sits in the buffer. A ring all-reduce over more than two ranks starts each chunk
+    at a different rank, and the chunks follow the batch size; deterministic serving needs the fixed order.
+    """
+
+    def __init__(self, group=None, ordered: bool = False):
         self.group = group
+        self.ordered = ordered
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        if self.ordered and dist.get_world_size(self.group) > 2:
+            parts = self._gather(t)
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            return total
         dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat(self._gather(t), dim=dim)
+
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         import torch.distributed as dist
 
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return parts
 
 
 @dataclass(frozen=True)

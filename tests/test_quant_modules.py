@@ -38,16 +38,18 @@ def test_fp8_block_linear_matches_dequantized_matmul(fp8_dir, backend):
         torch.testing.assert_close(out.float(), ref.float(), **TOL)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cached"])
-def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend):
+# top-8 of 16 experts takes the batched backend's all-experts path, top-4 its loop over the experts hit
+@pytest.mark.parametrize("top_k", [4, 8])
+@pytest.mark.parametrize("backend", ["torch", "cached", "batched"])
+def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend, top_k):
     model, cfg = load_model(fp8_dir, moe_backend=backend)
     ckpt, moe = Ckpt(fp8_dir), model.model.layers[1].mlp.experts
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    ids, weights = routing(6, 16, 4)
+    ids, weights = routing(6, 16, top_k)
     out = moe(x, ids, weights, 2.5)
     ref = torch.zeros(6, 256)
     for t in range(6):
-        for k in range(4):
+        for k in range(top_k):
             p = f"model.layers.1.mlp.experts.{int(ids[t, k])}"
             w = {n: ref_block_dequant(ckpt[f"{p}.{n}_proj.weight"], ckpt[f"{p}.{n}_proj.weight_scale_inv"]) for n in ("gate", "up", "down")}
             xt = ref_dynamic_act(x[t : t + 1])
@@ -57,12 +59,13 @@ def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend):
     torch.testing.assert_close(out.float(), ref.bfloat16().float(), **TOL)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cached"])
-def test_w4afp8_moe_matches_dequantized_matmul(w4_dir, backend):
+@pytest.mark.parametrize("top_k", [4, 8])
+@pytest.mark.parametrize("backend", ["torch", "cached", "batched"])
+def test_w4afp8_moe_matches_dequantized_matmul(w4_dir, backend, top_k):
     model, cfg = load_model(w4_dir, moe_backend=backend)
     moe = model.model.layers[2].mlp.experts
     x = (2 * torch.randn(9, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)
-    ids, weights = routing(9, 16, 4, seed=3)
+    ids, weights = routing(9, 16, top_k, seed=3)
     out = moe(x, ids, weights, cfg.routed_scaling_factor)
     ref = w4afp8_reference(Ckpt(w4_dir), "model.layers.2.mlp.experts", 16, x, ids, weights, cfg.routed_scaling_factor)
     assert ref.abs().max() > 1  # a meaningful magnitude for atol 0.1

@@ -4,7 +4,8 @@ Callers (the HTTP server) never touch the engine directly: additions and aborts 
 drains between steps, and outputs come back through per-request asyncio queues. If a caller stops listening
 (client disconnect, cancelled task) its request is aborted and its KV blocks freed at the next step boundary.
 If a step raises, the engine is dead: every pending request gets the error, new ones are refused, and
-`error` says why (the server reports it on /health) - failing fast beats hanging.
+`error` says why (the server reports it on /health) - failing fast beats hanging. `fail()` declares the same from
+outside the loop, for a failure noticed elsewhere (a tensor-parallel rank died) while the loop may be blocked.
 """
 
 from __future__ import annotations
@@ -45,11 +46,24 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the loop after its current step; returns False if it is still running after `timeout` seconds
+        (blocked in a collective with a dead rank, say)."""
         with self._wakeup:
             self._stopped = True
             self._wakeup.notify()
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def fail(self, exc: BaseException) -> None:
+        """Declare the engine dead (callable from any thread): health goes bad, pending and new requests fail."""
+        with self._wakeup:
+            if self.error is not None:
+                return
+            self.error = exc
+        dead = EngineDeadError(f"the engine has stopped: {type(exc).__name__}: {exc}")
+        for request_id in list(self._streams):
+            self._deliver(request_id, dead)
 
     @property
     def healthy(self) -> bool:
@@ -60,7 +74,7 @@ class AsyncEngine:
         """Submit one request and yield its outputs until it finishes; raises InvalidRequestError up front."""
         self.engine.check_request(prompt_token_ids, params)
         if not self.healthy:
-            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+            raise EngineDeadError(f"the engine has stopped: {type(self.error).__name__}: {self.error}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._post(("add", request_id, prompt_token_ids, params, time.monotonic()))
@@ -110,7 +124,4 @@ class AsyncEngine:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; callers must hear about it
             log.exception("engine loop failed; refusing further requests")
-            self.error = exc
-            dead = EngineDeadError(f"the engine has stopped: {exc!r}")
-            for request_id in list(self._streams):
-                self._deliver(request_id, dead)
+            self.fail(exc)

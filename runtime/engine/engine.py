@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from runtime.batch_invariant import batch_invariant_mode
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.detokenizer import TextStream
 from runtime.engine.metrics import EngineMetrics
@@ -32,6 +34,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # tokens per step: bounds prefill chunk size and activation memory
     vocab_size: int | None = None  # when set, prompt and stop token ids are checked against it
+    # Batch-invariant scheduling and sampling (the runner must compute batch-invariantly too; see Scheduler).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.max_model_len > self.num_blocks * self.block_size:
@@ -63,7 +67,8 @@ class LLMEngine:
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(config.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.deterministic)
         self.metrics = EngineMetrics()
         self._seqs: dict[str, Sequence] = {}
         self._texts: dict[str, TextStream] = {}
@@ -122,7 +127,8 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.num_running, self.num_waiting, self.block_manager.usage)
+        return self.metrics.render(self.num_running, self.num_waiting, self.block_manager.usage,
+                                   self.scheduler.num_preemptions)
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -136,7 +142,8 @@ class LLMEngine:
         for c in chunks:
             c.seq.num_computed_tokens += c.num_new_tokens
         self._record_prompt_logprobs(out, prompt_owners)
-        tokens, logprobs = sample(out.logits, [SampleRequest(s.params, s.generator) for s in to_sample])
+        with batch_invariant_mode() if self.config.deterministic else nullcontext():
+            tokens, logprobs = sample(out.logits, [SampleRequest(s.params, s.generator) for s in to_sample])
         now = time.monotonic()
         return [self._append_token(seq, tok, lp, now) for seq, tok, lp in zip(to_sample, tokens, logprobs)]
 

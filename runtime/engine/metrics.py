@@ -24,10 +24,6 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def on_rejected(self, status: int) -> None:
-        with self._lock:
-            self.rejected_requests[status] = self.rejected_requests.get(status, 0) + 1
-
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         cumulative = 0
@@ -70,7 +66,7 @@ class EngineMetrics:
         with self._lock:
             self.rejected_requests[status] = self.rejected_requests.get(status, 0) + 1
 
-    def render(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> str:
+    def render(self, num_running: int, num_waiting: int, kv_cache_usage: float, num_preemptions: int) -> str:
         p = _PREFIX
         with self._lock:
             lines = [f"# HELP {p}_requests_total Finished requests by finish reason.",
@@ -88,6 +84,8 @@ class EngineMetrics:
                 ("num_requests_running", num_running, "gauge", "Requests in the running batch."),
                 ("num_requests_waiting", num_waiting, "gauge", "Requests queued for admission."),
                 ("kv_cache_usage_ratio", kv_cache_usage, "gauge", "Fraction of KV cache blocks in use."),
+                ("num_preemptions_total", num_preemptions, "counter",
+                 "Running requests sent back to the queue to free KV cache (recomputed later)."),
             ):
                 lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} {kind}", f"{p}_{name} {value}"]
             for hist in (self.ttft, self.itl, self.e2e):

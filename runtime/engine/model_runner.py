@@ -7,10 +7,12 @@ on its own shard and cache (the logits come back gathered over the vocabulary; o
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from runtime.batch_invariant import batch_invariant_mode
 from runtime.model_api import CausalLM, ForwardBatch
 from runtime.standalone import allocate_kv_caches
 
@@ -41,14 +43,23 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device):
+    """batch_invariant: run every step under runtime.batch_invariant's fixed-shape numerics and with per-sequence
+    attention, so that each sequence's logits do not depend on the rest of the batch (deterministic serving)."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
+                 batch_invariant: bool = False):
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.batch_invariant = batch_invariant
         self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, device)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        with batch_invariant_mode() if self.batch_invariant else nullcontext():
+            return self._execute(step)
+
+    def _execute(self, step: StepInput) -> StepOutput:
         dev = self.device
         batch = ForwardBatch(
             input_ids=step.input_ids.to(dev),
@@ -59,6 +70,7 @@ class ModelRunner:
             slot_mapping=step.slot_mapping.to(dev),
             kv_caches=self.kv_caches,
             block_size=self.block_size,
+            batch_invariant=self.batch_invariant,
         )
         hidden = self.model.forward(batch)
         logits = self.model.compute_logits(hidden[step.sample_rows.to(dev)]).float()

@@ -7,6 +7,12 @@ token, the newest running sequence is preempted: its blocks are freed and it goe
 to be recomputed later. The oldest sequence is never preempted for a younger one, and the engine caps
 max_model_len at the cache capacity, so every admitted request can finish: memory pressure makes requests wait,
 never fail.
+
+Deterministic mode makes a request's computation independent of the others (with batch-invariant numerics):
+prompts are cut at fixed multiples of max_num_batched_tokens (a chunk that does not fit this step's remaining
+prompt budget waits for a later step instead of being split), decode tokens run outside that budget, and a
+request is admitted only once blocks for its whole length (prompt + max_tokens) are free, so nothing is ever
+preempted and recomputed with different chunk boundaries.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 deterministic: bool = False):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.deterministic = deterministic
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -56,6 +64,8 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> list[ScheduledChunk]:
+        if self.deterministic:
+            return self._schedule_fixed_chunks()
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
@@ -87,6 +97,37 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
+        return chunks
+
+    def _fixed_chunk(self, seq: Sequence) -> int:
+        """Tokens of `seq` to run next: one decode token, or the prompt up to the next multiple of the budget."""
+        if seq.num_computed_tokens >= seq.num_prompt_tokens:
+            return seq.num_uncomputed_tokens
+        step = self.max_num_batched_tokens
+        return min(seq.num_prompt_tokens, (seq.num_computed_tokens // step + 1) * step) - seq.num_computed_tokens
+
+    def _schedule_fixed_chunks(self) -> list[ScheduledChunk]:
+        prompt_budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in self.running:
+            n = self._fixed_chunk(seq)
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                if n > prompt_budget:
+                    continue
+                prompt_budget -= n
+            chunks.append(ScheduledChunk(seq, n))
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._fixed_chunk(seq)
+            whole = self.block_manager.blocks_needed(seq, seq.num_prompt_tokens + seq.params.max_tokens)
+            if n > prompt_budget or not self.block_manager.can_allocate(whole):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_prompt_tokens + seq.params.max_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            prompt_budget -= n
         return chunks
 
     def _preempt(self, seq: Sequence) -> None:

@@ -43,6 +43,7 @@ def load_model(
     parallel: ParallelContext = SINGLE,
     device: torch.device | str = "cpu",
     linear_backend: str = "auto",
+    batch_invariant: bool = False,
 ) -> tuple[CausalLMBase, CommonConfig]:
     """Build the model of `model_dir` for this rank and fill it from the checkpoint.
 
@@ -52,6 +53,7 @@ def load_model(
       checkpoint.
     dtype: activations and unquantized weights ("bfloat16" or "float32").
     moe_backend / linear_backend: backend names from runtime.backends ("auto" = best available on device).
+    batch_invariant: select only batch-invariant backends (deterministic serving; see runtime.batch_invariant).
     parallel: this process's rank, world size and MoE layout; only this rank's shards are read.
     Returns (model implementing runtime.model_api.CausalLM, validated config). Raises CheckpointError for a
     directory, config or tensor it cannot load (the message names what is wrong).
@@ -63,7 +65,8 @@ def load_model(
     device = torch.device(device)
     start = time.perf_counter()
     reader = CheckpointReader(model_dir)
-    quant = resolve_quant_config(model_dir, hf_config, reader, quantization, moe_backend=moe_backend, linear_backend=linear_backend)
+    quant = resolve_quant_config(model_dir, hf_config, reader, quantization, moe_backend=moe_backend,
+                                 linear_backend=linear_backend, batch_invariant=batch_invariant)
     family = MODEL_FAMILIES[config.architecture]
     with torch.no_grad():
         model = family(config, quant, parallel, dtype, device)

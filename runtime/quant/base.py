@@ -117,9 +117,10 @@ class QuantConfig(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, moe_backend: str = "auto", linear_backend: str = "auto"):
+    def __init__(self, moe_backend: str = "auto", linear_backend: str = "auto", batch_invariant: bool = False):
         self.moe_backend = moe_backend
         self.linear_backend = linear_backend
+        self.batch_invariant = batch_invariant  # only batch-invariant backends (runtime.backends) are selected
 
     @classmethod
     @abstractmethod
@@ -200,3 +201,41 @@ def routed_tokens(topk_ids: torch.Tensor, expert_offset: int, num_local: int):
     for e in torch.unique(local[(local >= 0) & (local < num_local)]).tolist():
         token_idx, slot = torch.nonzero(local == e, as_tuple=True)
         yield e, token_idx, slot
+
+
+# A rank that holds at most this many experts per expert a token picks runs all of them on every token.
+DENSE_EXPERTS_PER_PICK = 2
+
+
+def batched_expert_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_local: int,
+    expert_offset: int,
+    routed_scaling_factor: float,
+    experts,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Routed experts through `experts(rows, selection) -> [n, len(rows), H]`, which runs the local experts
+    `selection` (a slice) on every given row; the top-k combine is fp32 in expert order, scaled once.
+
+    A rank holding at most DENSE_EXPERTS_PER_PICK x top-k experts runs all of them on all tokens in one batched
+    call and weights the unpicked ones 0 (one large GEMM per projection instead of a loop); wider layers loop
+    over the experts the batch hits. The choice depends on the layer's shape only, never on the batch, so with
+    runtime.batch_invariant each token is computed the same way whatever else is batched with it.
+    """
+    local = topk_ids.long() - expert_offset
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if num_local <= DENSE_EXPERTS_PER_PICK * topk_ids.shape[1]:
+        mine = (local >= 0) & (local < num_local)
+        weights = torch.zeros(x.shape[0], num_local, dtype=torch.float32, device=x.device)
+        weights.scatter_add_(1, torch.where(mine, local, 0), torch.where(mine, topk_weights.float(), 0.0))
+        z = experts(x, slice(0, num_local))
+        for e in range(num_local):
+            out += weights[:, e : e + 1] * z[e].float()
+    else:
+        for e, token_idx, slot in routed_tokens(topk_ids, expert_offset, num_local):
+            z = experts(x[token_idx], slice(e, e + 1))[0]
+            out.index_add_(0, token_idx, topk_weights[token_idx, slot].float().unsqueeze(-1) * z.float())
+    return (routed_scaling_factor * out).to(out_dtype)

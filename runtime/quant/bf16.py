@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.backends import register_backend, select_backend
-from runtime.quant.base import LinearMethod, MoEMethod, QuantConfig, new_param, register_quantization, routed_tokens, silu_and_mul
+from runtime.quant.base import (
+    LinearMethod,
+    MoEMethod,
+    QuantConfig,
+    batched_expert_moe,
+    new_param,
+    register_quantization,
+    routed_tokens,
+    silu_and_mul,
+)
 
 
 def bf16_moe_ref(
@@ -30,7 +39,22 @@ def bf16_moe_ref(
     return (routed_scaling_factor * out).to(x.dtype)
 
 
-register_backend("moe.bf16", "torch", bf16_moe_ref)
+def _bf16_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every expert of w13 [E, 2I, H] / w2 [E, H, I] on every row of x: [E, M, H] in x.dtype."""
+    e, two_i, h = w13.shape
+    gate_up = F.linear(x, w13.reshape(e * two_i, h)).view(-1, e, two_i)
+    act = silu_and_mul(gate_up[..., : two_i // 2], gate_up[..., two_i // 2 :])
+    return torch.bmm(act.transpose(0, 1), w2.transpose(1, 2))
+
+
+def bf16_moe_batched(x, w13, w2, topk_ids, topk_weights, routed_scaling_factor=1.0, expert_offset=0):
+    """bf16_moe_ref's math with the experts batched (runtime.quant.base.batched_expert_moe)."""
+    return batched_expert_moe(x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+                              lambda rows, sel: _bf16_experts(rows, w13[sel], w2[sel]), x.dtype)
+
+
+register_backend("moe.bf16", "torch", bf16_moe_ref, batch_invariant=True)
+register_backend("moe.bf16", "batched", bf16_moe_batched, priority=20, batch_invariant=True)
 
 
 class Bf16LinearMethod(LinearMethod):
@@ -45,15 +69,16 @@ class Bf16LinearMethod(LinearMethod):
 
 
 class Bf16MoEMethod(MoEMethod):
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, batch_invariant: bool = False):
         self.backend_name = backend
+        self.batch_invariant = batch_invariant
 
     def create_weights(self, layer, num_experts, hidden, intermediate, dtype, device):
         new_param(layer, "w13_weight", (num_experts, 2 * intermediate, hidden), dtype, device, output_dim=1, input_dim=2, expected_loads=2 * num_experts)
         new_param(layer, "w2_weight", (num_experts, hidden, intermediate), dtype, device, output_dim=1, input_dim=2, expected_loads=num_experts)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self.backend = select_backend("moe.bf16", self.backend_name, layer.w13_weight.device)
+        self.backend = select_backend("moe.bf16", self.backend_name, layer.w13_weight.device, self.batch_invariant)
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
         return self.backend.run(
@@ -77,4 +102,4 @@ class Bf16Config(QuantConfig):
         return Bf16LinearMethod()
 
     def moe_method(self, prefix):
-        return Bf16MoEMethod(self.moe_backend)
+        return Bf16MoEMethod(self.moe_backend, self.batch_invariant)

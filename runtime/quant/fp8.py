@@ -13,6 +13,7 @@ from runtime.quant.base import (
     MoEMethod,
     QuantConfig,
     new_param,
+    batched_expert_moe,
     prepare_backend,
     register_quantization,
     routed_tokens,
@@ -63,16 +64,37 @@ def _dequantize_all_experts(w13, w2, w13_scale, w2_scale, block) -> dict:
     return {"dequantized": (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))}
 
 
+def _fp8_experts(x: torch.Tensor, d13: torch.Tensor, d2: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Every dequantized FP8 expert (d13 [E, 2I, H], d2 [E, H, I] fp32) on every row of x: [E, M, H] in x.dtype,
+    with fp8_moe_ref's activation quantization (per token and 1 x block[1] group, per expert for GEMM2)."""
+    e, two_i, h = d13.shape
+    gate_up = nx.fp8_block_linear_dequantized(x, d13.reshape(e * two_i, h), block=block, out_dtype=x.dtype)
+    gate_up = gate_up.view(-1, e, two_i)
+    act = nx.fp8_per_token_group_roundtrip(silu_and_mul(gate_up[..., : two_i // 2], gate_up[..., two_i // 2 :]), block[1])
+    return torch.bmm(act.transpose(0, 1), d2.transpose(1, 2)).to(x.dtype)
+
+
+def _fp8_moe_batched(x, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                     expert_offset=0, block=(nx.FP8_BLOCK, nx.FP8_BLOCK), dequantized=None):
+    d13, d2 = dequantized
+    return batched_expert_moe(x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+                              lambda rows, sel: _fp8_experts(rows, d13[sel], d2[sel], block), x.dtype)
+
+
 def _fp8_linear_cached(x, weight, weight_scale_inv, bias=None, block=(nx.FP8_BLOCK, nx.FP8_BLOCK), out_dtype=torch.bfloat16, weight_dequantized=None):
     return nx.fp8_block_linear_dequantized(x, weight_dequantized, bias, block, out_dtype)
 
 
-register_backend("moe.fp8", "torch", fp8_moe_ref)
-register_backend("linear.fp8_block", "torch", nx.fp8_block_linear_ref)
+register_backend("moe.fp8", "torch", fp8_moe_ref, batch_invariant=True)
+register_backend("linear.fp8_block", "torch", nx.fp8_block_linear_ref, batch_invariant=True)
 # The reference math on weights dequantized once at load (fp32 copies: 4 more bytes per weight), same results.
-register_backend("moe.fp8", "cached", fp8_moe_ref, prepare=_dequantize_all_experts, available=on_cpu, priority=10)
+register_backend("moe.fp8", "cached", fp8_moe_ref, prepare=_dequantize_all_experts, available=on_cpu, priority=10,
+                 batch_invariant=True)
+# Same weights, experts batched (runtime.quant.base.batched_expert_moe); equal to the reference up to fp32 order.
+register_backend("moe.fp8", "batched", _fp8_moe_batched, prepare=_dequantize_all_experts, available=on_cpu,
+                 priority=20, batch_invariant=True)
 register_backend(
-    "linear.fp8_block", "cached", _fp8_linear_cached, available=on_cpu, priority=10,
+    "linear.fp8_block", "cached", _fp8_linear_cached, available=on_cpu, priority=10, batch_invariant=True,
     prepare=lambda weight, weight_scale_inv, block: {"weight_dequantized": nx.dequantize_fp8_block(weight, weight_scale_inv, block)},
 )
 
@@ -82,9 +104,10 @@ def _blocks(n: int, b: int) -> int:
 
 
 class Fp8BlockLinearMethod(LinearMethod):
-    def __init__(self, block: tuple[int, int], backend: str):
+    def __init__(self, block: tuple[int, int], backend: str, batch_invariant: bool = False):
         self.block = block
         self.backend_name = backend
+        self.batch_invariant = batch_invariant
 
     def create_weights(self, layer, input_size, output_size, dtype, device):
         bn, bk = self.block
@@ -92,7 +115,7 @@ class Fp8BlockLinearMethod(LinearMethod):
         new_param(layer, "weight_scale_inv", (_blocks(output_size, bn), _blocks(input_size, bk)), torch.float32, device, output_dim=0, input_dim=1)
 
     def process_weights_after_loading(self, layer):
-        self.backend = select_backend("linear.fp8_block", self.backend_name, layer.weight.device)
+        self.backend = select_backend("linear.fp8_block", self.backend_name, layer.weight.device, self.batch_invariant)
         self.extras = prepare_backend(self.backend, layer, {"weight": "weight", "weight_scale_inv": "weight_scale_inv"}, block=self.block)
 
     def apply(self, layer, x, bias=None):
@@ -105,9 +128,10 @@ class Fp8BlockLinearMethod(LinearMethod):
 class Fp8MoEMethod(MoEMethod):
     """w13_weight_scale_inv holds ceil(I/bn) rows of gate blocks then as many of up blocks (I need not be a block multiple)."""
 
-    def __init__(self, block: tuple[int, int], backend: str):
+    def __init__(self, block: tuple[int, int], backend: str, batch_invariant: bool = False):
         self.block = block
         self.backend_name = backend
+        self.batch_invariant = batch_invariant
 
     def create_weights(self, layer, num_experts, hidden, intermediate, dtype, device):
         bn, bk = self.block
@@ -118,7 +142,7 @@ class Fp8MoEMethod(MoEMethod):
         new_param(layer, "w2_weight_scale_inv", (e, _blocks(hidden, bn), _blocks(intermediate, bk)), torch.float32, device, output_dim=1, input_dim=2, expected_loads=e)
 
     def process_weights_after_loading(self, layer):
-        self.backend = select_backend("moe.fp8", self.backend_name, layer.w13_weight.device)
+        self.backend = select_backend("moe.fp8", self.backend_name, layer.w13_weight.device, self.batch_invariant)
         names = {"w13": "w13_weight", "w2": "w2_weight", "w13_scale": "w13_weight_scale_inv", "w2_scale": "w2_weight_scale_inv"}
         self.extras = prepare_backend(self.backend, layer, names, block=self.block)
 
@@ -161,7 +185,7 @@ class Fp8Config(QuantConfig):
     def linear_method(self, prefix):
         if any(prefix == p or prefix.startswith(p + ".") for p in self.ignored_layers):
             return Bf16LinearMethod()
-        return Fp8BlockLinearMethod(self.block, self.linear_backend)
+        return Fp8BlockLinearMethod(self.block, self.linear_backend, self.batch_invariant)
 
     def moe_method(self, prefix):
-        return Fp8MoEMethod(self.block, self.moe_backend)
+        return Fp8MoEMethod(self.block, self.moe_backend, self.batch_invariant)

@@ -60,6 +60,12 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = FP8_BLOCK) -
     return q[..., :k], scale
 
 
+def fp8_per_token_group_roundtrip(x: torch.Tensor, group_size: int = FP8_BLOCK) -> torch.Tensor:
+    """fp32 x as an FP8 block GEMM sees it: quantized per 1 x group (quantize_fp8_per_token_group), dequantized."""
+    q, scale = quantize_fp8_per_token_group(x, group_size)
+    return q.float() * scale.repeat_interleave(group_size, dim=-1)[..., : x.shape[-1]]
+
+
 # ------------------------------------------------------------------------------------------ FP8 block weights
 
 
@@ -114,9 +120,7 @@ def fp8_block_linear_dequantized(
 ) -> torch.Tensor:
     """fp8_block_linear_ref given the weight already dequantized (fp32 [out, in], from dequantize_fp8_block)."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_fp8_per_token_group(x2, block[1])
-    x_deq = xq.float() * xs.repeat_interleave(block[1], dim=1)[:, : x2.shape[1]]
+    x_deq = fp8_per_token_group_roundtrip(x.reshape(-1, x.shape[-1]), block[1])
     y = x_deq @ weight_dequantized.t()
     if bias is not None:
         y = y + bias.float()

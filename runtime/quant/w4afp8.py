@@ -14,10 +14,17 @@ from runtime.backends import on_cpu, register_backend, select_backend
 from runtime.errors import CheckpointError
 from runtime.loader import EXPERT_NAME
 from runtime.quant import numerics as nx
-from runtime.quant.base import MoEMethod, QuantConfig, new_param, prepare_backend, register_quantization, replace_param
+from runtime.quant.base import (
+    MoEMethod,
+    QuantConfig,
+    batched_expert_moe,
+    new_param,
+    prepare_backend,
+    register_quantization,
+    replace_param,
+)
 from runtime.quant.faults import plant_w4afp8_faults
 from runtime.quant.fp8 import Fp8BlockLinearMethod
-
 
 
 def _w4afp8_moe_cached(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
@@ -29,15 +36,46 @@ def _unpack_experts(w13, w2, w13_scale, w2_scale) -> dict:
     return {"w13_values": nx.unpack_int4(w13).float(), "w2_values": nx.unpack_int4(w2).float()}
 
 
-register_backend("moe.w4afp8", "torch", nx.w4afp8_moe_ref)
+def _w4afp8_experts(x, f13, f2, a1, a2) -> torch.Tensor:
+    """Every expert (f13 [E, 2I, H], f2 [E, H, I]: int4 values times their bf16 group scales, fp32) on every row
+    of x: [E, M, H] bf16. w4afp8_moe_ref's math, except that each GEMM sums over K at once instead of per group."""
+    e, two_i, h = f13.shape
+    xq = nx.quantize_fp8_static(x.to(torch.bfloat16), a1).float()
+    gate_up = (a1 * (xq @ f13.reshape(e * two_i, h).t())).to(torch.bfloat16).view(-1, e, two_i)
+    act = torch.nn.functional.silu(gate_up[..., : two_i // 2].float()) * gate_up[..., two_i // 2 :].float()
+    yq = nx.quantize_fp8_static(act, a2).float()
+    return (a2 * torch.bmm(yq.transpose(0, 1), f2.transpose(1, 2))).to(torch.bfloat16)
+
+
+def _w4afp8_moe_batched(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                        expert_offset=0, w13_dequantized=None, w2_dequantized=None):
+    a1, a2 = a1.float(), a2.float()
+    return batched_expert_moe(
+        x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+        lambda rows, sel: _w4afp8_experts(rows, w13_dequantized[sel], w2_dequantized[sel], a1, a2), torch.bfloat16,
+    )
+
+
+def _dequantize_experts(w13, w2, w13_scale, w2_scale) -> dict:
+    return {"w13_dequantized": nx.dequantize_w4_groupwise(w13, w13_scale.to(torch.bfloat16)),
+            "w2_dequantized": nx.dequantize_w4_groupwise(w2, w2_scale.to(torch.bfloat16))}
+
+
+register_backend("moe.w4afp8", "torch", nx.w4afp8_moe_ref, batch_invariant=True)
 # The reference on int4 values unpacked once at load (fp32 copies), bit-identical results, for CPU speed.
-register_backend("moe.w4afp8", "cached", _w4afp8_moe_cached, prepare=_unpack_experts, available=on_cpu, priority=10)
+register_backend("moe.w4afp8", "cached", _w4afp8_moe_cached, prepare=_unpack_experts, available=on_cpu, priority=10,
+                 batch_invariant=True)
+# Weights dequantized once (fp32), experts batched (runtime.quant.base.batched_expert_moe); equal to the reference
+# up to fp32 summation order.
+register_backend("moe.w4afp8", "batched", _w4afp8_moe_batched, prepare=_dequantize_experts, available=on_cpu,
+                 priority=20, batch_invariant=True)
 
 
 class W4AFp8MoEMethod(MoEMethod):
-    def __init__(self, group_size: int, backend: str, prefix: str = ""):
+    def __init__(self, group_size: int, backend: str, batch_invariant: bool = False, prefix: str = ""):
         self.group_size = group_size
         self.backend_name = backend
+        self.batch_invariant = batch_invariant
         self.prefix = prefix
 
     def create_weights(self, layer, num_experts, hidden, intermediate, dtype, device):
@@ -60,7 +98,7 @@ class W4AFp8MoEMethod(MoEMethod):
         replace_param(layer, "w13_input_scale", layer.w13_input_scale.float().max().reshape(1))
         replace_param(layer, "w2_input_scale", layer.w2_input_scale.float().max().reshape(1))
         plant_w4afp8_faults(layer, self.prefix)  # test-only (EVALPIPE_FAULT); does nothing unless set
-        self.backend = select_backend("moe.w4afp8", self.backend_name, layer.w13_weight.device)
+        self.backend = select_backend("moe.w4afp8", self.backend_name, layer.w13_weight.device, self.batch_invariant)
         names = {"w13": "w13_weight", "w2": "w2_weight", "w13_scale": "w13_weight_scale_inv", "w2_scale": "w2_weight_scale_inv"}
         self.extras = prepare_backend(self.backend, layer, names)
 
@@ -109,7 +147,7 @@ class W4AFp8Config(QuantConfig):
         return cls(infer_group_size(reader), **options)
 
     def linear_method(self, prefix):
-        return Fp8BlockLinearMethod(self.block, self.linear_backend)
+        return Fp8BlockLinearMethod(self.block, self.linear_backend, self.batch_invariant)
 
     def moe_method(self, prefix):
-        return W4AFp8MoEMethod(self.group_size, self.moe_backend, prefix)
+        return W4AFp8MoEMethod(self.group_size, self.moe_backend, self.batch_invariant, prefix)

@@ -24,6 +24,11 @@ class ReasoningParser(str, enum.Enum):
     deepseek_r1 = "deepseek-r1"
 
 
+class MoeParallel(str, enum.Enum):
+    tp = "tp"
+    ep = "ep"
+
+
 def serve(
     model: Path = typer.Option(..., "--model", help="Model directory (config.json, safetensors, tokenizer).",
                                exists=True, file_okay=False),
@@ -40,6 +45,12 @@ def serve(
     max_num_batched_tokens: int = typer.Option(2048, min=1, help="Most tokens per step (prefill chunk size)."),
     kv_cache_gib: float | None = typer.Option(None, min=0.0, help="KV cache memory (default: 2 on CPU, 80% free GPU)."),
     reasoning_parser: ReasoningParser | None = typer.Option(None, help="Split reasoning into reasoning_content."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel ranks, one process each (GPUs: one per rank)."),
+    moe_parallel: MoeParallel = typer.Option(MoeParallel.tp, help="Routed experts across ranks: tp (every rank "
+                                             "holds all experts, intermediate dimension sharded) or ep (experts "
+                                             "partitioned)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Batch-invariant numerics: a request's "
+                                       "output does not depend on the other requests in the batch (slower)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
     from evalpipe.orchestrator_cli import setup_logging
@@ -50,7 +61,8 @@ def serve(
         model_dir=model, quantization=quantization.value, moe_backend=moe_backend, dtype=dtype.value,
         host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
-        reasoning_parser=reasoning_parser.value if reasoning_parser else None,
+        reasoning_parser=reasoning_parser.value if reasoning_parser else None, tp=tp,
+        moe_parallel=moe_parallel.value, deterministic=deterministic,
     ))
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import uvicorn
@@ -14,16 +19,23 @@ from evalpipe.errors import UserError
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.model_runner import ModelRunner
+from runtime.config import CommonConfig
 from runtime.errors import CheckpointError
 from runtime.model_api import CausalLM
+from runtime.parallel import SINGLE, ParallelContext
 from runtime.server.app import create_app
 from runtime.server.reasoning import PARSERS
 from runtime.server.serving import ServerState
 from runtime.server.tokenizer import eos_token_ids, load_tokenizer
 
+if TYPE_CHECKING:
+    from runtime.server.ranks import RankGroup
+
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+# A loop blocked in a collective with a dead rank never returns; shutting down does not wait for it.
+_ENGINE_STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_gib: float | None = None  # None: 2 GiB on CPU, 80% of free memory on a GPU
+    deterministic: bool = False  # batch-invariant numerics and scheduling (runtime.batch_invariant)
 
 
 def _kv_budget_bytes(options: EngineOptions, device: torch.device) -> int:
@@ -44,25 +57,36 @@ def _kv_budget_bytes(options: EngineOptions, device: torch.device) -> int:
     return 2 * _GIB
 
 
-def build_engine(model: CausalLM, tokenizer: Any, eos_token_ids: set[int], options: EngineOptions,
-                 device: torch.device, vocab_size: int | None = None) -> LLMEngine:
-    """Size the KV cache from the memory budget (never more than max_num_seqs full-length sequences need)."""
-    spec = model.kv_cache_spec()
-    bytes_per_block = spec.bytes_per_token * options.block_size
+def kv_cache_blocks(model: CausalLM, options: EngineOptions, device: torch.device) -> int:
+    """KV cache blocks the memory budget allows (never more than max_num_seqs full-length sequences need)."""
+    bytes_per_block = model.kv_cache_spec().bytes_per_token * options.block_size
     wanted_blocks = options.max_num_seqs * -(-options.max_model_len // options.block_size)
     num_blocks = min(wanted_blocks, _kv_budget_bytes(options, device) // bytes_per_block)
     if num_blocks < 1:
         raise ValueError(f"the KV cache budget holds no block of {bytes_per_block} bytes; raise --kv-cache-gib")
+    return num_blocks
+
+
+def build_engine(model: CausalLM, tokenizer: Any, eos_token_ids: set[int], options: EngineOptions,
+                 device: torch.device, vocab_size: int | None = None, *, num_blocks: int | None = None,
+                 wrap_runner: Callable[[ModelRunner], Any] | None = None) -> LLMEngine:
+    """The engine over a KV cache of `num_blocks` blocks (default: what the memory budget allows).
+
+    wrap_runner: replaces the local ModelRunner by a runner built around it (tensor parallelism).
+    """
+    if num_blocks is None:
+        num_blocks = kv_cache_blocks(model, options, device)
     max_model_len = min(options.max_model_len, num_blocks * options.block_size)
     if max_model_len < options.max_model_len:
         log.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
                     num_blocks * options.block_size, options.max_model_len, max_model_len)
     log.info("KV cache: %d blocks x %d tokens, %.2f GiB", num_blocks, options.block_size,
-             num_blocks * bytes_per_block / _GIB)
+             num_blocks * model.kv_cache_spec().bytes_per_token * options.block_size / _GIB)
     config = EngineConfig(max_model_len=max_model_len, num_blocks=num_blocks, block_size=options.block_size,
                           max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
-                          vocab_size=vocab_size)
-    return LLMEngine(ModelRunner(model, num_blocks, options.block_size, device), tokenizer, config, eos_token_ids)
+                          vocab_size=vocab_size, deterministic=options.deterministic)
+    runner = ModelRunner(model, num_blocks, options.block_size, device, batch_invariant=options.deterministic)
+    return LLMEngine(wrap_runner(runner) if wrap_runner else runner, tokenizer, config, eos_token_ids)
 
 
 def build_state(engine: LLMEngine, model_name: str, api_key: str | None = None,
@@ -94,36 +118,92 @@ class ServeOptions:
     max_num_batched_tokens: int = 2048
     kv_cache_gib: float | None = None
     reasoning_parser: str | None = None
+    tp: int = 1  # tensor-parallel ranks, one process each
+    moe_parallel: str = "tp"  # routed experts: "tp" (intermediate dimension sharded) or "ep" (experts partitioned)
+    deterministic: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServeOptions":
+        fields = json.loads(text)
+        return cls(**{**fields, "model_dir": Path(fields["model_dir"])})
+
+    def engine_options(self, config: CommonConfig) -> EngineOptions:
+        return EngineOptions(max_model_len=self.max_model_len or config.max_position_embeddings,
+                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic)
+
+
+def load_served_model(options: ServeOptions, parallel: ParallelContext, device: torch.device
+                      ) -> tuple[CausalLM, CommonConfig]:
+    """This rank's shard of the served checkpoint (every rank loads through here)."""
+    from runtime.models import load_model  # the model families; imported here to keep `evalpipe --help` fast
+
+    return load_model(options.model_dir, quantization=options.quantization, dtype=options.dtype,
+                      moe_backend=options.moe_backend, parallel=parallel, device=device,
+                      batch_invariant=options.deterministic)
 
 
 def run_server(options: ServeOptions) -> None:
-    """Load the checkpoint and tokenizer, start the engine, serve HTTP until interrupted."""
-    from runtime.models import load_model  # the model families; imported here to keep `evalpipe --help` fast
+    """Load the checkpoint and tokenizer, start the engine (and the other ranks), serve HTTP until interrupted.
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    Ctrl-C and SIGTERM stop it the same way: the engine loop, then the other ranks, then the process.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SystemExit unwinds through the clean-ups
     try:
         tokenizer = load_tokenizer(options.model_dir)
     except (OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())  # transformers' messages span lines; the CLI shows one
         raise CheckpointError(f"{options.model_dir}: cannot load its tokenizer ({reason})") from None
-    model, config = load_model(options.model_dir, quantization=options.quantization, dtype=options.dtype,
-                               moe_backend=options.moe_backend, device=device)
-    engine_options = EngineOptions(
-        max_model_len=options.max_model_len or config.max_position_embeddings,
-        max_num_seqs=options.max_num_seqs,
-        max_num_batched_tokens=options.max_num_batched_tokens,
-        kv_cache_gib=options.kv_cache_gib,
-    )
+    if options.tp == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, config = load_served_model(options, SINGLE, device)
+        engine = _engine(model, config, tokenizer, options, device)
+        _serve(engine, options)
+        return
+    from runtime.server.ranks import RankGroup
+
+    with RankGroup.launch(options) as ranks:
+        model, config = load_served_model(options, ranks.parallel, ranks.device)
+        num_blocks = ranks.start_collectives(_local_kv_blocks(model, options, config, ranks.device))
+        engine = _engine(model, config, tokenizer, options, ranks.device, num_blocks=num_blocks,
+                         wrap_runner=ranks.runner)
+        _serve(engine, options, ranks)
+
+
+def _local_kv_blocks(model: CausalLM, options: ServeOptions, config: CommonConfig, device: torch.device) -> int:
+    try:
+        return kv_cache_blocks(model, options.engine_options(config), device)
+    except ValueError as exc:  # a KV budget that cannot work
+        raise UserError(str(exc)) from None
+
+
+def _engine(model: CausalLM, config: CommonConfig, tokenizer: Any, options: ServeOptions, device: torch.device,
+            **build_options) -> LLMEngine:
     eos = eos_token_ids(options.model_dir, tokenizer) | set(config.eos_token_ids)
     try:
-        engine = build_engine(model, tokenizer, eos, engine_options, device, config.vocab_size)
+        return build_engine(model, tokenizer, eos, options.engine_options(config), device, config.vocab_size,
+                            **build_options)
     except ValueError as exc:  # a KV budget or context length that cannot work
         raise UserError(str(exc)) from None
+
+
+def _serve(engine: LLMEngine, options: ServeOptions, ranks: "RankGroup | None" = None) -> None:
     state = build_state(engine, options.served_model_name or options.model_dir.name, options.api_key,
                         options.reasoning_parser)
-    log.info("serving %s as %r on http://%s:%d (max_model_len %d)", options.model_dir, state.model_name,
-             options.host, options.port, state.max_model_len)
+    if ranks is not None:
+        ranks.on_failure(state.engine.fail)
+    log.info("serving %s as %r on http://%s:%d (max_model_len %d%s%s)", options.model_dir, state.model_name,
+             options.host, options.port, state.max_model_len,
+             f", tp {options.tp} {options.moe_parallel}" if options.tp > 1 else "",
+             ", deterministic" if options.deterministic else "")
     try:
         uvicorn.run(create_app(state), host=options.host, port=options.port, log_level="info")
     finally:
-        state.engine.shutdown()
+        stopped = state.engine.shutdown(timeout=_ENGINE_STOP_TIMEOUT_S)
+        if ranks is not None:
+            # The peers wait for rank 0's next step: tell them to stop, unless the step channel may be mid-step.
+            ranks.peers_idle = stopped and state.engine.error is None

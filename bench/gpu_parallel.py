@@ -1,0 +1,171 @@
+"""Tensor parallelism and deterministic mode on GPUs (2 devices, NCCL); prints figures, writes DIR/<device>-tp2.json.
+
+    python bench/gpu_parallel.py --out DIR [--layers 3] [--experts 16] [--tiny-chat-model DIR]
+    python bench/gpu_parallel.py --out DIR --device cpu --shape tiny     # the same on a CPU (gloo), to try it
+
+1. Equivalence: a synthetic DeepSeek-R1-width checkpoint (hidden 7168, 128 MLA heads, moe_intermediate 2048,
+   vocab 129280; runtime.synthetic) with a few layers, in FP8 and quantized to W4AFP8; 16 random prompts with 8
+   greedy tokens each at tp=1 (one process) and at tp=2 (two processes), routed experts in the TP and EP layouts,
+   bf16 activations as served, torch backends. Reported per case: logits difference on the prompts (same inputs
+   on both sides), arg-max agreement there, identical greedy continuations; W4AFP8 also against a tp=1 run given
+   the tp=2 layout's expert numerics (per-rank bf16 partial outputs, EP per-rank activation scales).
+2. Batch invariance on the device (runtime.testing.batch_invariance): 16 requests alone vs in a busy batch of 64,
+   with and without --deterministic, greedy on the W4AFP8 R1-width stack (its busy runs' output tokens per second
+   give the mode's cost there), greedy and seeded on a tiny Mixtral with a tokenizer if one is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.models import load_model
+from runtime.quantize import quantize_checkpoint
+from runtime.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
+from runtime.testing import batch_invariance as bi
+from runtime.testing.tp_equivalence import Case, case_outputs, run_ranks, with_rank_experts
+
+NEW_TOKENS = 8
+
+
+def shape_for(args) -> DeepseekShape:
+    if args.shape == "tiny":
+        return DeepseekShape(num_hidden_layers=args.layers, num_nextn_predict_layers=0)
+    return dataclasses.replace(R1_SHAPE, num_hidden_layers=args.layers, first_k_dense_replace=1,
+                               n_routed_experts=args.experts, num_nextn_predict_layers=0)
+
+
+def prompt_stats(out, ref, prompts) -> dict:
+    """Logits on the prompt rows (identical inputs on both sides) and greedy continuations."""
+    diffs, refs, agree = 0.0, 0.0, []
+    worst = 0.0
+    for a, b, p in zip(out.logits, ref.logits, prompts):
+        a, b = a[: len(p)], b[: len(p)]
+        diffs += (a - b).abs().sum().item()
+        refs += b.abs().sum().item()
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+        agree.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+    return {"mean_rel_diff": diffs / refs, "worst_row_rel_diff": worst, "argmax_agreement": sum(agree) / len(agree),
+            "identical_greedy": sum(x == y for x, y in zip(out.tokens, ref.tokens)), "prompts": len(prompts)}
+
+
+def equivalence(args, root: Path, device: str, report: dict) -> None:
+    shape = shape_for(args)
+    t = time.perf_counter()
+    fp8 = write_synthetic_deepseek_fp8(root / "fp8", shape, device=device, max_shard_bytes=4 << 30)
+    w4 = quantize_checkpoint(fp8, root / "w4afp8", "w4afp8", calib_samples=4, calib_max_len=64, device=device)
+    report["checkpoints"] = {"shape": dataclasses.asdict(shape), "write_and_quantize_s": time.perf_counter() - t}
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, shape.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(16)]
+    load = dict(dtype="bfloat16", moe_backend="torch", linear_backend="torch", device=f"{device}:0" if device == "cuda" else device)
+    cases = [Case(f"{fmt}-{mode}", str(path), prompts, mode, "bfloat16", "torch", "torch")
+             for fmt, path in (("fp8", fp8), ("w4afp8", w4)) for mode in ("tp", "ep")]
+    t = time.perf_counter()
+    two = run_ranks(cases, NEW_TOKENS, world_size=2, device=device)
+    report["tp2_run_s"] = time.perf_counter() - t
+    results = {}
+    for fmt, path in (("fp8", fp8), ("w4afp8", w4)):
+        model, _ = load_model(path, **load)
+        plain = case_outputs(model, prompts, NEW_TOKENS, load["device"])
+        del model
+        for mode in ("tp", "ep"):
+            row = {"vs_tp1": prompt_stats(two[f"{fmt}-{mode}"], plain, prompts)}
+            if fmt == "w4afp8":
+                emulated = with_rank_experts(path, mode, **load)
+                row["vs_tp1_with_rank_experts"] = prompt_stats(
+                    two[f"{fmt}-{mode}"], case_outputs(emulated, prompts, NEW_TOKENS, load["device"]), prompts)
+                del emulated
+            results[f"{fmt}-{mode}"] = row
+            print(f"{fmt:7} {mode}: {json.dumps(row)}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    report["equivalence"] = results
+
+
+def invariance(model, tokenizer, vocab: int, device: str, samplings=(False, True)) -> dict:
+    row = {}
+    for deterministic in (True, False):
+        for sampled in samplings:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            alone, busy = bi.alone_and_busy(model, tokenizer, vocab, sampled, deterministic, device)
+            key = f"{'deterministic' if deterministic else 'default'}-{'seeded' if sampled else 'greedy'}"
+            row[key] = {"identical_tokens": sum(alone[k][0] == busy[k][0] for k in alone),
+                        "identical_logprobs": sum(alone[k][1] == busy[k][1] for k in alone),
+                        "requests": len(alone), "seconds": time.perf_counter() - t}
+            print(f"  {key}: {json.dumps(row[key])}", flush=True)
+    return row
+
+
+def busy_throughput(model, tokenizer, vocab: int, device: str, deterministic: bool) -> float:
+    engine = bi.make_engine(model, tokenizer, deterministic, device)
+    requests = bi.targets(vocab, False) + bi.others(vocab)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    results = bi.run(engine, requests)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return sum(len(tokens) for tokens, _ in results.values()) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, help="scratch folder for the checkpoints (default: a new temporary one)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--shape", default="r1", choices=["r1", "tiny"])
+    parser.add_argument("--layers", type=int, default=3, help="1 dense + (layers - 1) MoE layers")
+    parser.add_argument("--experts", type=int, default=16, help="routed experts per MoE layer (R1: 256)")
+    parser.add_argument("--tiny-chat-model", type=Path, help="a tiny Mixtral with tokenizer for part 2")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    report = {"device": name, "devices": torch.cuda.device_count() if args.device == "cuda" else 1,
+              "torch": torch.__version__}
+    stem = args.out / ("h100" if "H100" in name else "h200" if "H200" in name else args.device)
+
+    def save() -> None:
+        stem.with_name(stem.name + "-tp2.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    if args.work is None:
+        args.work = Path(tempfile.mkdtemp(prefix="evalpipe-gpu-parallel-"))
+    print(f"device: {name}; checkpoints in {args.work}", flush=True)
+    start = time.perf_counter()
+    equivalence(args, args.work, args.device, report)
+    report["equivalence_s"] = time.perf_counter() - start
+    save()
+    dev = "cuda:0" if args.device == "cuda" else "cpu"
+    w4, _ = load_model(args.work / "w4afp8", dtype="bfloat16", moe_backend="torch", linear_backend="torch",
+                       device=dev, batch_invariant=True)
+    vocab = shape_for(args).vocab_size
+    print("batch invariance, W4AFP8 R1-width stack:", flush=True)
+    report["batch_invariance"] = {"w4afp8-stack": invariance(w4, bi.TokenIdText(), vocab, dev, samplings=(False,))}
+    report["busy_output_tok_s"] = {"w4afp8-stack": {
+        mode: busy_throughput(w4, bi.TokenIdText(), vocab, dev, mode == "deterministic")
+        for mode in ("default", "deterministic")}}
+    print(f"  busy batch output tok/s: {report['busy_output_tok_s']}", flush=True)
+    report["total_s"] = time.perf_counter() - start
+    save()
+    if args.tiny_chat_model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tiny_chat_model)
+        tiny, _ = load_model(args.tiny_chat_model, dtype="bfloat16", device=dev, batch_invariant=True)
+        print("batch invariance, tiny Mixtral:", flush=True)
+        report["batch_invariance"]["tiny-mixtral"] = invariance(tiny, tokenizer, len(tokenizer), dev)
+        save()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
