@@ -107,7 +107,8 @@ def run(
         print_comparison(document)
         exit_code = max(exit_code, gate_exit)
     if run_config.leaderboard is not None:
-        rows = write_leaderboard(Path(run_config.leaderboard))
+        Path(run_config.leaderboard).mkdir(parents=True, exist_ok=True)
+        rows = write_leaderboard(Path(run_config.leaderboard), [result.run_dir])
         log.info("leaderboard: %d rows in %s/leaderboard.{md,html}", rows, run_config.leaderboard)
     stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
     if exit_code:

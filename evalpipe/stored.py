@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,13 @@ def resolve_side(reference: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR
     return load_registry(reference, registry_dir)
 
 
-def leaderboard_runs(results_dir: Path) -> list[LeaderboardRun]:
-    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`."""
+def leaderboard_runs(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> list[LeaderboardRun]:
+    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`, plus the
+    runs in `extra_run_dirs` (a run written outside the results folder)."""
     runs = []
-    for summary_path in sorted(results_dir.glob("**/candidate/summary.json")):
+    found = set(results_dir.glob("**/candidate/summary.json"))
+    found |= {d / "candidate" / "summary.json" for d in extra_run_dirs if (d / "candidate" / "summary.json").is_file()}
+    for summary_path in sorted({p.resolve() for p in found}):
         run_dir = summary_path.parent.parent
         try:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -242,11 +246,12 @@ def leaderboard_runs(results_dir: Path) -> list[LeaderboardRun]:
     return sorted(runs, key=lambda run: run.run_id)
 
 
-def write_leaderboard(results_dir: Path) -> int:
-    """Rewrite `results_dir`/leaderboard.md and leaderboard.html; returns the number of rows."""
+def write_leaderboard(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> int:
+    """Rewrite `results_dir`/leaderboard.md and leaderboard.html (with the runs of `extra_run_dirs` too);
+    returns the number of rows."""
     if not results_dir.is_dir():
         raise UserError(f"{results_dir}: no such results folder")
-    runs = leaderboard_runs(results_dir)
+    runs = leaderboard_runs(results_dir, extra_run_dirs)
     if not runs:
         raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
     (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")

@@ -71,10 +71,18 @@ def test_text_completions_echo_prompt_logprobs() -> None:
 
 
 @needs_shared_data
-def test_quickstart_script_runs_the_smoke_config_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "EVALPIPE_VENV": sys.prefix, "EVALPIPE_OUTPUT_DIR": str(tmp_path)}
-    done = subprocess.run(["bash", "scripts/quickstart.sh", "--no-progress"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_smoke_config_runs_end_to_end_against_the_fake_server(tmp_path: Path) -> None:
+    from evalpipe.runner import plan_from_config
+    from evalpipe.testing.fake_server import Behaviour, answer_key_for_plans
+
+    config = REPO / "configs" / "smoke.yaml"
+    _, plans = plan_from_config(str(config))
+    behaviour = Behaviour(answer_key=answer_key_for_plans(plans), accuracy=0.7, truncation_rate=0.06,
+                          no_answer_rate=0.03, tokens_per_s=300)
+    with FakeServer(behaviour) as server:
+        env = {**os.environ, "EVALPIPE_OUTPUT_DIR": str(tmp_path), "EVALPIPE_BASE_URL": server.base_url}
+        done = subprocess.run([sys.executable, "-m", "evalpipe", "run", str(config), "--no-progress"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path / "smoke"

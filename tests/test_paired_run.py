@@ -247,3 +247,14 @@ def test_config_errors_exit_2_naming_the_field(tmp_path, extra, message):
     result, _ = _run(_config(tmp_path, **extra))
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_adds_itself_to_a_leaderboard_folder_that_holds_no_runs(tmp_path):
+    board = tmp_path / "board"  # missing: created; the run lives elsewhere and is listed all the same
+    config = _config(tmp_path, tasks=TASKS[:1], leaderboard=str(board), output_dir=str(tmp_path / "runs"))
+    with _servers(config, {"accuracy": 0.7}):
+        result, run_dir = _run(config)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in (board / "leaderboard.md").read_text().splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 1 and rows[0].startswith(f"| {run_dir.name} |")
