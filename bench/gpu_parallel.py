@@ -63,9 +63,10 @@ def prompt_stats(out, ref, prompts) -> dict:
 def equivalence(args, root: Path, device: str, report: dict) -> None:
     shape = shape_for(args)
     t = time.perf_counter()
-    fp8 = write_synthetic_deepseek_fp8(root / "fp8", shape, device=device, max_shard_bytes=4 << 30)
+    fp8 = write_synthetic_deepseek_fp8(root / "fp8", shape, device=device, max_shard_bytes=4 << 30,
+                                       init_scale=args.init_scale)
     w4 = quantize_checkpoint(fp8, root / "w4afp8", "w4afp8", calib_samples=4, calib_max_len=64, device=device)
-    report["checkpoints"] = {"shape": dataclasses.asdict(shape), "write_and_quantize_s": time.perf_counter() - t}
+    report["checkpoints"] = {"shape": dataclasses.asdict(shape), "init_scale": args.init_scale, "write_and_quantize_s": time.perf_counter() - t}
     rng = random.Random(0)
     prompts = [[rng.randrange(3, shape.vocab_size) for _ in range(rng.randint(16, 64))] for _ in range(16)]
     dev = f"{device}:0" if device == "cuda" else device
@@ -139,6 +140,9 @@ def main() -> None:
     parser.add_argument("--shape", default="r1", choices=["r1", "tiny"])
     parser.add_argument("--layers", type=int, default=3, help="1 dense + (layers - 1) MoE layers")
     parser.add_argument("--experts", type=int, default=16, help="routed experts per MoE layer (R1: 256)")
+    parser.add_argument("--parts", default="equivalence,invariance", help="which parts to run (comma-separated)")
+    parser.add_argument("--init-scale", type=float, default=1.0,
+                        help="weights N(0, s^2/fan_in); below 1 the random stack is less chaotic under FP8 roundings")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes of the equivalence runs")
     parser.add_argument("--tiny-chat-model", type=Path, help="a tiny Mixtral with tokenizer for part 2")
     args = parser.parse_args()
@@ -155,9 +159,13 @@ def main() -> None:
         args.work = Path(tempfile.mkdtemp(prefix="evalpipe-gpu-parallel-"))
     print(f"device: {name}; checkpoints in {args.work}", flush=True)
     start = time.perf_counter()
-    equivalence(args, args.work, args.device, report)
-    report["equivalence_s"] = time.perf_counter() - start
-    save()
+    parts = args.parts.split(",")
+    if "equivalence" in parts:
+        equivalence(args, args.work, args.device, report)
+        report["equivalence_s"] = time.perf_counter() - start
+        save()
+    if "invariance" not in parts:
+        return
     dev = "cuda:0" if args.device == "cuda" else "cpu"
     report["batch_invariance"], report["busy_output_tok_s"] = {}, {}
     if args.tiny_chat_model:
@@ -167,7 +175,13 @@ def main() -> None:
         tiny, _ = load_model(args.tiny_chat_model, dtype="bfloat16", device=dev, batch_invariant=True)
         print("batch invariance, tiny Mixtral:", flush=True)
         report["batch_invariance"]["tiny-mixtral"] = invariance(tiny, tokenizer, len(tokenizer), dev)
+        for mode in ("default", "deterministic"):
+            report["busy_output_tok_s"][f"tiny-mixtral-{mode}"] = busy_throughput(
+                tiny, tokenizer, len(tokenizer), dev, mode == "deterministic")
+        print(f"  busy batch output tok/s: {report['busy_output_tok_s']}", flush=True)
         save()
+    if "equivalence" not in parts:
+        return
     # Slowest last (the torch reference path at full width), so a time limit still leaves the rest saved.
     w4, _ = load_model(args.work / "w4afp8", dtype="bfloat16", moe_backend="torch", linear_backend="torch",
                        device=dev, batch_invariant=True)

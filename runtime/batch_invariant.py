@@ -112,6 +112,18 @@ class _Overrides:
         out = self._rows(x, lambda t: run(t, [-1], True))
         return out if keepdim else out.squeeze(-1)
 
+    def cumsum(self, x, dim, *, dtype=None):
+        # CUDA scans a single row with a different algorithm (cub) than a batch of rows: the sampler's CDF, and
+        # with it a seeded draw, would depend on how many rows were sampled together.
+        out_dtype = _reduce_dtype(x, dtype, integral_to_long=True)
+
+        def run(t, d):
+            return aten.cumsum.out(t, d, dtype=dtype, out=t.new_empty(0, dtype=out_dtype))
+
+        if x.dim() < 2 or dim % x.dim() != x.dim() - 1:
+            return run(x, dim)
+        return self._rows(x, lambda t: run(t, -1))
+
     def softmax(self, x, dim, half_to_float):
         return self._softmax_like(aten._softmax.out, x, dim, half_to_float)
 
@@ -145,6 +157,7 @@ def _register(chunk: int) -> torch.library.Library:
             lib.impl("bmm", ops.bmm, key)
             lib.impl("mean.dim", ops.mean, key)
             lib.impl("sum.dim_IntList", ops.sum, key)
+            lib.impl("cumsum", ops.cumsum, key)
             lib.impl("_softmax", ops.softmax, key)
             lib.impl("_log_softmax", ops.log_softmax, key)
     return lib

@@ -38,11 +38,24 @@ def test_w4afp8_moe_layer_on_gpu_matches_reference(checkpoints):
 @pytest.mark.parametrize("name", ["bf16", "fp8", "w4afp8"])
 def test_models_on_gpu_agree_with_cpu(checkpoints, name):
     ids = list(range(11, 51))
-    cpu, _ = load_model(checkpoints[name], dtype="float32")
-    gpu, _ = load_model(checkpoints[name], dtype="float32", device="cuda")
+    # The torch paths on both devices: the fast GPU backends have tests of their own (test_gpu_kernels).
+    torch_path = dict(dtype="float32", moe_backend="torch", linear_backend="torch")
+    cpu, _ = load_model(checkpoints[name], **torch_path)
+    gpu, _ = load_model(checkpoints[name], device="cuda", **torch_path)
     a, b = prompt_logits(cpu, ids), prompt_logits(gpu, ids, device="cuda").cpu()
     if name == "bf16":
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
         assert greedy_generate(gpu, ids, 8, device="cuda") == greedy_generate(cpu, ids, 8)
     else:  # random quantized models are chaotic under last-bit differences (see test_parallel_sim)
         assert (a - b).abs().mean() < 0.05 * a.abs().mean()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_deterministic_mode_on_gpu_does_not_depend_on_the_batch(tmp_path, sampled):
+    from runtime.testing.batch_invariance import NUM_TARGETS, TokenIdText, alone_and_busy
+
+    path = write_tiny_hf_model(tmp_path / "mixtral", "MixtralForCausalLM", vocab_size=4096)
+    model, _ = load_model(path, dtype="bfloat16", device="cuda", batch_invariant=True)
+    alone, busy = alone_and_busy(model, TokenIdText(), 4096, sampled, deterministic=True, device="cuda")
+    assert len(alone) == len(busy) == NUM_TARGETS
+    assert busy == alone  # tokens and logprobs, bit for bit
