@@ -7,12 +7,19 @@ with a gate: 0 pass, 1 regression or inconclusive-as-fail, 2 config error, 3 inf
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
-from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, comparison_document
+from evalpipe.comparison import (
+    IncomparableError,
+    TaskComparison,
+    compare_sides,
+    comparison_document,
+    setting_differences,
+)
 from evalpipe.config import RegistrySide
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
@@ -33,10 +40,15 @@ from evalpipe.stored import (
 )
 from evalpipe.validation import validated
 
+log = logging.getLogger(__name__)
+
 RegistryDir = Annotated[str, typer.Option("--registry-dir", help="where stored baselines live")]
 MarginOption = Annotated[float | None, typer.Option("--margin", help="non-inferiority margin, a fraction (0.05 = 5 "
                                                                      "points); replaces the run's gate setting")]
 AlphaOption = Annotated[float | None, typer.Option("--alpha", help="one-sided test level")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="compare even when protocols (card_hash) or sampling settings differ; the differences are "
+                    "printed and recorded in the comparison as forced_differences")]
 
 
 def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
@@ -52,12 +64,13 @@ def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
     return validated(GateConfig, raw, "gate settings")
 
 
-def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig) -> dict[str, TaskComparison]:
+def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig, force: bool
+             ) -> dict[str, TaskComparison]:
     try:
         comparisons = compare_sides(candidate.tasks, baseline.tasks,
-                                    lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha))
+                                    lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha), force)
     except IncomparableError as exc:
-        raise UserError(f"{candidate.source} vs {baseline.source}: {exc}") from None
+        raise UserError(f"{candidate.source} vs {baseline.source}: {exc} (--force compares anyway)") from None
     if not comparisons:
         raise UserError(f"{candidate.source} and {baseline.source} have no task in common")
     return comparisons
@@ -67,6 +80,10 @@ def _document(comparisons: dict[str, TaskComparison], candidate: StoredSide, bas
     document = comparison_document(comparisons)
     for name, side in (("candidate", candidate), ("baseline", baseline)):
         document[name] = {"label": side.label, "source": side.source, "run_id": side.run_id}
+    forced = setting_differences(candidate.tasks, baseline.tasks)
+    if forced:
+        document["forced_differences"] = forced
+        log.warning("compared across different protocols or sampling (--force): %s", "; ".join(forced))
     return document
 
 
@@ -81,11 +98,13 @@ def compare(
     alpha: AlphaOption = None,
     registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the comparison document here")] = None,
+    force: ForceOption = False,
 ) -> None:
     """Compare the candidate sides of two runs question by question and print the comparison table."""
     setup_logging(False)
     candidate, baseline = load_run_side(run_a), resolve_side(run_b, registry_dir)
-    document = _document(_compare(candidate, baseline, _gate_settings(run_a, margin, alpha)), candidate, baseline)
+    comparisons = _compare(candidate, baseline, _gate_settings(run_a, margin, alpha), force)
+    document = _document(comparisons, candidate, baseline)
     if json_out is not None:
         json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print_comparison(document)
@@ -104,6 +123,7 @@ def gate(
     alpha: AlphaOption = None,
     on_inconclusive: Annotated[Literal["fail", "pass"] | None, typer.Option("--on-inconclusive")] = None,
     registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+    force: ForceOption = False,
 ) -> None:
     """Apply the non-inferiority gate to a stored run. Exit 0 pass, 1 regression, 2 config error, 3 infra."""
     setup_logging(False)
@@ -115,7 +135,7 @@ def gate(
     else:
         raise UserError(f"{run_dir} has no baseline side; give --baseline RUN_DIR_OR_REGISTRY_NAME")
     settings = _gate_settings(run_dir, margin, alpha, on_inconclusive)
-    comparisons = _compare(candidate, reference, settings)
+    comparisons = _compare(candidate, reference, settings, force)
     document = _document(comparisons, candidate, reference)
     # The divergence probe measured the candidate against the run's own baseline server: it counts only there.
     probe = load_probe(run_dir) if baseline is None else None

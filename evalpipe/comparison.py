@@ -333,21 +333,28 @@ def _replayed(
     return cand.restrict(keep), base.restrict(keep) if design.baseline_adaptive else base
 
 
+def setting_differences(candidate: Mapping[str, TaskResult], baseline: Mapping[str, TaskResult]) -> list[str]:
+    """comparability_problems of two sides' task results."""
+    return comparability_problems(
+        {task: result.settings() for task, result in candidate.items()},
+        {task: result.settings() for task, result in baseline.items()},
+    )
+
+
 def compare_sides(
     candidate: Mapping[str, TaskResult],
     baseline: Mapping[str, TaskResult],
     margin_alpha: Callable[[str], tuple[float, float]],
+    force: bool = False,
 ) -> dict[str, TaskComparison]:
-    """Compare every task both sides have; refuse (IncomparableError) when protocols or sampling differ.
+    """Compare every task both sides have; refuse (IncomparableError) when protocols or sampling differ, unless
+    `force` (the caller records setting_differences with the result).
 
     An adaptively sampled candidate task is replayed to its last complete look, so a finished, resumed or
     stored run gives the same comparison; the baseline counts as adaptive when it was sampled that way too.
     """
-    problems = comparability_problems(
-        {task: result.settings() for task, result in candidate.items()},
-        {task: result.settings() for task, result in baseline.items()},
-    )
-    if problems:
+    problems = setting_differences(candidate, baseline)
+    if problems and not force:
         raise IncomparableError("results are not comparable: " + "; ".join(problems))
     comparisons = {}
     for task, result in candidate.items():

@@ -174,9 +174,18 @@ def test_stored_runs_with_different_protocols_are_refused_by_compare_and_gate(tm
         runs.append(run_dir)
     compared = run_cli("compare", str(runs[0]), str(runs[1]))
     assert compared.exit_code == 2 and "aime24.max_tokens: candidate 256, baseline 300" in compared.output
+    assert "--force" in compared.output
     assert run_cli("gate", str(runs[0]), "--baseline", str(runs[1])).exit_code == 2
     same = run_cli("compare", str(runs[0]), str(runs[0]))
     assert same.exit_code == 0 and "aime24" in same.output
+    document = tmp_path / "forced.json"
+    forced = run_cli("compare", str(runs[0]), str(runs[1]), "--force", "--json", str(document))
+    assert forced.exit_code == 0, forced.output
+    recorded = json.loads(document.read_text())
+    assert "aime24.max_tokens: candidate 256, baseline 300" in recorded["forced_differences"]
+    assert "aime24" in recorded["tasks"]
+    gated = run_cli("gate", str(runs[0]), "--baseline", str(runs[1]), "--force", "--margin", "0.5")
+    assert gated.exit_code in (0, 1) and "gate:" in gated.output
 
 
 def test_adaptive_sampling_spends_less_and_replays_to_the_same_result(tmp_path):
