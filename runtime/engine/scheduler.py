@@ -91,11 +91,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(self.block_manager.blocks_needed(seq, seq.num_computed_tokens + n)):
                 break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
+            chunks.append(self._admit(seq.num_computed_tokens + n, n))
             budget -= n
         return chunks
 
@@ -122,13 +118,17 @@ class Scheduler:
             whole = self.block_manager.blocks_needed(seq, seq.num_prompt_tokens + seq.params.max_tokens)
             if n > prompt_budget or not self.block_manager.can_allocate(whole):
                 break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_prompt_tokens + seq.params.max_tokens)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
+            chunks.append(self._admit(seq.num_prompt_tokens + seq.params.max_tokens, n))
             prompt_budget -= n
         return chunks
+
+    def _admit(self, reserved_tokens: int, n: int) -> ScheduledChunk:
+        """Move the first waiting sequence to running with cache blocks for `reserved_tokens`; run `n` tokens."""
+        seq = self.waiting.popleft()
+        self.block_manager.allocate(seq, reserved_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
