@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evalpipe.adaptive import AdaptiveDesign, allocation, replay, unbiased_question_means
+from evalpipe.adaptive import AdaptiveDesign, Look, adjusted_inference, allocation, replay
 from evalpipe.journal import latest_by_key
 from evalpipe.metrics import mean_stderr_ci, question_order
 from evalpipe.records import SampleRecord
@@ -155,6 +155,7 @@ class TaskComparison:
     flipped_candidate_only: tuple[str, ...]  # solved by the candidate only, largest gain first
     both_completed: PairedDiff | None  # the comparison on questions where no sample truncated on either side
     unpaired: dict[str, int]  # questions present on one side only
+    sequential: dict | None = None  # an adaptive task's group-sequential design, looks and adjusted inference
 
     @property
     def verdict(self) -> VerdictName:
@@ -186,6 +187,7 @@ class TaskComparison:
                 "n": both.n_questions if both else 0,
             },
             "unpaired_questions": dict(self.unpaired),
+            **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
 
@@ -218,32 +220,40 @@ def compare_task(
     margin: float,
     alpha: float = 0.05,
     design: AdaptiveDesign | None = None,
+    looks: Sequence[Look] = (),
 ) -> TaskComparison:
     """Pair the two sides by question id and compute every comparison.json number for one task.
 
-    With an adaptive design the per-question estimates are the unbiased ones and the test runs at the
-    per-look alpha (see evalpipe.adaptive). Side accuracies are over the paired questions, so their
-    difference is delta.
+    An adaptive task (design given) is decided by its group-sequential design on `looks`, the looks the
+    procedure took on these outcomes (the sides already cut to the last look's samples); its p-value, bounds and
+    95% interval are the ones adjusted for the looks (see evalpipe.adaptive), the unadjusted ones are kept in
+    the `sequential` section. Side accuracies are over the paired questions, so their difference is delta.
     """
     base_ids = set(baseline.question_ids)
     shared = [qid for qid in candidate.question_ids if qid in base_ids]
     unpaired = {"candidate_only": len(candidate.question_ids) - len(shared), "baseline_only": len(base_ids) - len(shared)}
     cand, base = candidate.take(shared), baseline.take(shared)
-    cand_plain, cand_counts = per_question(cand.correct, "candidate")
-    base_plain, base_counts = per_question(base.correct, "baseline")
-    if design is None:
-        cand_means, base_means, test_alpha = cand_plain, base_plain, alpha
-    else:
-        cand_means, base_means = unbiased_question_means(cand.correct, base.correct, design)
-        test_alpha = design.look_alpha(alpha)
+    cand_means, cand_counts = per_question(cand.correct, "candidate")
+    base_means, base_counts = per_question(base.correct, "baseline")
+    # Before an adaptive task's first look is complete nothing may be decided beyond what that look could.
+    test_alpha = alpha if design is None else design.nominal_levels(alpha)[len(looks) - 1 if looks else 0]
     with_data = ~np.isnan(cand_means) & ~np.isnan(base_means)
     if with_data.any():
         diff = paired_difference_of_means(cand_means, base_means, cand_counts, base_counts)
         test, ci95 = noninferiority_of(diff, margin, test_alpha), diff.ci95
     else:
         test, ci95 = _no_data_verdict(margin, test_alpha), (-math.inf, math.inf)
+    sequential = None
+    if design is not None:
+        sequential = sequential_section(design, looks, margin, alpha)
+        if looks and math.isfinite(looks[-1].diff.stderr):
+            adjusted = sequential["adjusted"]
+            test = Verdict(test.delta, test.stderr, _bound(adjusted["lower"], -math.inf),
+                           _bound(adjusted["upper"], math.inf), adjusted["p_value"], looks[-1].verdict.verdict,
+                           margin, alpha, test.n_questions)
+            ci95 = (_bound(adjusted["ci95"][0], -math.inf), _bound(adjusted["ci95"][1], math.inf))
     paired_ids = tuple(qid for qid, ok in zip(shared, with_data, strict=True) if ok)
-    baseline_only, candidate_only = _flipped(paired_ids, cand_plain[with_data], base_plain[with_data])
+    baseline_only, candidate_only = _flipped(paired_ids, cand_means[with_data], base_means[with_data])
     completed = with_data & ~cand.truncated.any(axis=1) & ~base.truncated.any(axis=1)
     both = None
     if completed.any():
@@ -260,7 +270,34 @@ def compare_task(
         flipped_candidate_only=candidate_only,
         both_completed=both,
         unpaired=unpaired,
+        sequential=sequential,
     )
+
+
+def _bound(value: float | None, infinite: float) -> float:
+    return infinite if value is None else value
+
+
+def sequential_section(design: AdaptiveDesign, looks: Sequence[Look], margin: float, alpha: float) -> dict:
+    """comparison.json's `sequential` section of an adaptive task: the design, each look taken and, at the look
+    it stopped at, the inference adjusted for the looks next to the unadjusted one."""
+    last = looks[-1] if looks else None
+    adjusted = adjusted_inference(looks, design, margin, alpha) if last is not None else None
+    return {
+        "design": {"min_samples": design.min_samples, "max_samples": design.max_samples,
+                   "baseline_adaptive": design.baseline_adaptive, "spending": design.spending,
+                   "looks": list(design.looks), "pass_boundary_z": [round(c, 6) for c in design.boundaries(alpha)],
+                   "fail_boundary_z": [round(-c, 6) for c in design.boundaries(alpha)],
+                   "nominal_levels": list(design.nominal_levels(alpha))},
+        "looks_taken": [{"k": look.k, "delta": _number(look.diff.delta), "stderr": _number(look.diff.stderr),
+                         "nominal_p_value": look.verdict.p_value, "nominal_level": look.verdict.alpha,
+                         "verdict": look.verdict.verdict} for look in looks],
+        "stopped_at": last.k if last is not None else None,
+        "ordering": "stagewise",
+        "adjusted": adjusted.to_dict() if adjusted is not None else None,
+        "unadjusted": ({"p_value": last.verdict.p_value, "ci95": _interval(last.diff.ci95)}
+                       if last is not None else None),
+    }
 
 
 def overall_verdict(verdicts: Iterable[VerdictName]) -> VerdictName:
@@ -312,7 +349,7 @@ class TaskResult:
     card_hash: str
     sampling: Mapping[str, object]  # the settings that must agree: temperature, top_p, max_tokens
     outcomes: SideOutcomes
-    adaptive: tuple[int, int] | None = None  # (min_samples, max_samples) when sampled with samples: auto
+    adaptive: tuple[int, int, str] | None = None  # (min_samples, max_samples, spending) with samples: auto
 
     def settings(self) -> dict[str, object]:
         return {"card_hash": self.card_hash, **self.sampling}
@@ -320,17 +357,18 @@ class TaskResult:
 
 def _replayed(
     cand: SideOutcomes, base: SideOutcomes, design: AdaptiveDesign, margin: float, alpha: float
-) -> tuple[SideOutcomes, SideOutcomes]:
-    """Both sides restricted to the samples the adaptive procedure used at its last complete look."""
+) -> tuple[SideOutcomes, SideOutcomes, tuple[Look, ...]]:
+    """Both sides restricted to the samples the adaptive procedure used at its last complete look, and the
+    looks it took."""
     shared = [qid for qid in cand.question_ids if qid in set(base.question_ids)]
     width = max(design.max_samples, cand.correct.shape[1])
     cand = cand.reindex(shared, width)
     base = base.reindex(shared, width) if design.baseline_adaptive else base.take(shared)
     progress = replay(cand.correct, cand.issued, base.correct, base.issued, design, margin, alpha)
     if progress.look is None:
-        return cand, base
-    keep = allocation(progress.look.extend, cand.correct.shape[1], design, progress.look.k)
-    return cand.restrict(keep), base.restrict(keep) if design.baseline_adaptive else base
+        return cand, base, ()
+    keep = allocation(len(shared), cand.correct.shape[1], progress.look.k)
+    return cand.restrict(keep), base.restrict(keep) if design.baseline_adaptive else base, progress.looks
 
 
 def setting_differences(candidate: Mapping[str, TaskResult], baseline: Mapping[str, TaskResult]) -> list[str]:
@@ -362,9 +400,9 @@ def compare_sides(
             continue
         margin, alpha = margin_alpha(task)
         cand, base = result.outcomes, baseline[task].outcomes
-        design = None
+        design, looks = None, ()
         if result.adaptive is not None:
             design = AdaptiveDesign(*result.adaptive, baseline_adaptive=baseline[task].adaptive is not None)
-            cand, base = _replayed(cand, base, design, margin, alpha)
-        comparisons[task] = compare_task(task, cand, base, margin, alpha, design)
+            cand, base, looks = _replayed(cand, base, design, margin, alpha)
+        comparisons[task] = compare_task(task, cand, base, margin, alpha, design, looks)
     return comparisons

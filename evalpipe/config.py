@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from evalpipe.adaptive import SpendingShape
 from evalpipe.errors import UserError
 from evalpipe.gate import DIVERGENCE, GateConfig
 from evalpipe.validation import read_yaml, validated
@@ -110,6 +111,7 @@ BaselineSide = Annotated[
 ]
 
 DEFAULT_MIN_SAMPLES, DEFAULT_MAX_SAMPLES = 4, 32
+DEFAULT_SPENDING: SpendingShape = "obrien-fleming"
 
 
 class TaskEntry(_Strict):
@@ -122,6 +124,7 @@ class TaskEntry(_Strict):
     samples: int | Literal["auto"] | None = None
     min_samples: int | None = Field(default=None, ge=2)
     max_samples: int | None = Field(default=None, ge=2)
+    spending: SpendingShape | None = None  # the alpha-spending shape of samples: auto (evalpipe.adaptive)
     max_tokens: int | None = Field(default=None, ge=1)
     limit: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
@@ -144,14 +147,15 @@ class TaskEntry(_Strict):
     @classmethod
     def _auto_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("samples") == "auto":
-            data = {"min_samples": DEFAULT_MIN_SAMPLES, "max_samples": DEFAULT_MAX_SAMPLES, **data}
+            data = {"min_samples": DEFAULT_MIN_SAMPLES, "max_samples": DEFAULT_MAX_SAMPLES,
+                    "spending": DEFAULT_SPENDING, **data}
         return data
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> TaskEntry:
         if self.samples != "auto":
-            if self.min_samples is not None or self.max_samples is not None:
-                raise ValueError("min_samples and max_samples apply only with samples: auto")
+            if self.min_samples is not None or self.max_samples is not None or self.spending is not None:
+                raise ValueError("min_samples, max_samples and spending apply only with samples: auto")
         elif self.max_samples < self.min_samples:
             raise ValueError(f"max_samples ({self.max_samples}) is below min_samples ({self.min_samples})")
         return self

@@ -41,7 +41,7 @@ from evalpipe.stored import COMPARED_SAMPLING, StoredSide, load_registry
 log = logging.getLogger(__name__)
 
 
-def plan_result(plan: TaskPlan, outcomes: SideOutcomes, adaptive: tuple[int, int] | None) -> TaskResult:
+def plan_result(plan: TaskPlan, outcomes: SideOutcomes, adaptive: tuple[int, int, str] | None) -> TaskResult:
     sampling = plan.card.sampling.model_dump()
     return TaskResult(plan.card_hash, {name: sampling[name] for name in COMPARED_SAMPLING}, outcomes, adaptive)
 
@@ -74,7 +74,7 @@ def prepare_baseline(config: RunConfig, plans: Sequence[TaskPlan]) -> StoredSide
 
 def _designs(config: RunConfig) -> dict[str, AdaptiveDesign]:
     live_baseline = not isinstance(config.baseline, RegistrySide)
-    return {e.task: AdaptiveDesign(e.min_samples, e.max_samples, baseline_adaptive=live_baseline)
+    return {e.task: AdaptiveDesign(e.min_samples, e.max_samples, e.spending, baseline_adaptive=live_baseline)
             for e in config.card_tasks if e.adaptive}
 
 
@@ -146,8 +146,8 @@ def compare_run(
     for side, _ in sides_of(config):
         outcomes = side_outcomes(read_journal(run_dir / side / "journal.jsonl"))
         results[side] = {
-            p.name: plan_result(p, outcomes[p.name], (designs[p.name].min_samples, designs[p.name].max_samples)
-                                if p.name in designs else None)
+            p.name: plan_result(p, outcomes[p.name], (designs[p.name].min_samples, designs[p.name].max_samples,
+                                                      designs[p.name].spending) if p.name in designs else None)
             for p in plans if p.name in outcomes
         }
     if stored is not None:

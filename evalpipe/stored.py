@@ -22,7 +22,7 @@ import yaml
 
 from evalpipe import __version__
 from evalpipe.comparison import SideOutcomes, TaskResult, outcome_codes
-from evalpipe.config import REGISTRY_NAME
+from evalpipe.config import DEFAULT_SPENDING, REGISTRY_NAME
 from evalpipe.errors import UserError
 from evalpipe.data import question_order_key
 from evalpipe.journal import latest_by_key, read_journal
@@ -113,7 +113,8 @@ def load_run_side(run_dir: Path, side: str = "candidate") -> StoredSide:
         if info is None:
             continue
         entry = entries.get(task, {})
-        adaptive = (entry["min_samples"], entry["max_samples"]) if entry.get("samples") == "auto" else None
+        adaptive = ((entry["min_samples"], entry["max_samples"], entry.get("spending") or DEFAULT_SPENDING)
+                    if entry.get("samples") == "auto" else None)
         tasks[task] = TaskResult(info["card_hash"], _compared_sampling(info["sampling"]),
                                  SideOutcomes.from_codes(ids, rows), adaptive)
     return StoredSide(

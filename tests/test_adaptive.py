@@ -2,79 +2,125 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from evalpipe.adaptive import (
     AdaptiveDesign,
+    adjusted_inference,
+    crossing_probability,
     evaluate_look,
-    questions_to_extend,
     replay,
-    unbiased_question_means,
+    simulate_decision,
+    spending_boundaries,
 )
-from evalpipe.comparison import SideOutcomes, compare_task
+from evalpipe.comparison import SideOutcomes, TaskResult, compare_sides
+from evalpipe.stats import noninferiority
+from evalpipe.drop_patterns import DROP_PATTERNS, dropped_probabilities
 
 BETA_A, BETA_B = 0.7, 0.5
 
 
-def test_looks_double_from_min_to_max_and_split_alpha():
-    design = AdaptiveDesign(4, 20)
-    assert design.looks == (4, 8, 16, 20)
-    assert design.look_alpha(0.05) == pytest.approx(0.0125)
+def test_looks_double_from_min_to_max():
+    assert AdaptiveDesign(4, 20).looks == (4, 8, 16, 20)
     assert AdaptiveDesign(4, 4).looks == (4,)
     with pytest.raises(ValueError, match="min_samples"):
         AdaptiveDesign(1, 8)
     with pytest.raises(ValueError, match="max_samples"):
         AdaptiveDesign(8, 4)
+    with pytest.raises(ValueError, match="spending"):
+        AdaptiveDesign(4, 8, "haybittle")
 
 
-def test_questions_mixed_on_either_side_are_extended():
-    cand = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]], dtype=float)
-    base = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=float)
-    design = AdaptiveDesign(2, 8)
-    # only the first two samples count: q0 cand (1,1), base (1,1) -> no; q1 base (1,0) -> yes
-    assert questions_to_extend(cand, base, design).tolist() == [False, True, False, False]
-    # a stored baseline is judged on all its samples
-    stored = AdaptiveDesign(2, 8, baseline_adaptive=False)
-    assert questions_to_extend(cand, base, stored).tolist() == [False, True, False, False]
-    base[0, 3] = 0.0
-    assert questions_to_extend(cand, base, stored).tolist() == [True, True, False, False]
-    assert questions_to_extend(cand, base, design).tolist() == [False, True, False, False]
+def test_boundaries_match_the_published_lan_demets_values():
+    # Jennison & Turnbull (2000), Lan-DeMets spending, 4 and 5 equally spaced looks, one-sided 0.025
+    assert spending_boundaries((1, 2, 3, 4), 0.025, "obrien-fleming") == pytest.approx(
+        (4.3326, 2.9631, 2.3590, 2.0141), abs=2e-3)
+    assert spending_boundaries((1, 2, 3, 4, 5), 0.025, "pocock") == pytest.approx(
+        (2.438, 2.427, 2.410, 2.397, 2.386), abs=2e-3)
+    # one look: the fixed test
+    assert AdaptiveDesign(8, 8).nominal_levels(0.05) == pytest.approx((0.05,))
 
 
-def _adaptive_sample(rng, p_cand, p_base, design, sims):
-    """Outcome tensors (sims, n, max) after one extension to max_samples, NaN where not sampled."""
-    shape = (sims, p_cand.size, design.max_samples)
-    full_c = (rng.random(shape) < p_cand[None, :, None]).astype(float)
-    full_b = (rng.random(shape) < p_base[None, :, None]).astype(float)
-    first = design.min_samples
-    mixed = lambda x: (x[..., :first].sum(-1) > 0) & (x[..., :first].sum(-1) < first)  # noqa: E731
-    stop = ~(mixed(full_c) | mixed(full_b))
-    full_c[..., first:][stop] = np.nan
-    full_b[..., first:][stop] = np.nan
-    return full_c, full_b
+def test_crossing_probability_agrees_with_the_bivariate_normal():
+    rho = math.sqrt(4 / 9)
+    both_below = scipy_stats.multivariate_normal([0, 0], [[1, rho], [rho, 1]]).cdf([1.5, 2.0])
+    assert crossing_probability([1.5, 2.0], [4.0, 9.0]) == pytest.approx(1 - both_below, abs=2e-4)
+    assert crossing_probability([1.96], [3.0]) == pytest.approx(0.025, abs=1e-4)
 
 
-def test_rao_blackwell_estimates_are_unbiased_where_plain_means_are_not():
-    rng = np.random.default_rng(0)
-    design = AdaptiveDesign(4, 16)
-    p_base = rng.beta(BETA_A, BETA_B, 100)
-    p_cand = p_base * (1 - 0.08 / p_base.mean())  # a true 8-point drop
-    cand, base = _adaptive_sample(rng, p_cand, p_base, design, sims=300)
-    plain, unbiased = [], []
-    for c, b in zip(cand, base, strict=True):
-        plain.append(np.nanmean(c, axis=1).mean() - np.nanmean(b, axis=1).mean())
-        c_means, b_means = unbiased_question_means(c, b, design)
-        unbiased.append((c_means - b_means).mean())
-    assert np.mean(unbiased) == pytest.approx(-0.08, abs=0.004)  # ~5 simulation standard errors
-    assert np.mean(plain) > -0.07  # the naive estimate shrinks the drop by a fifth or more
+def _draw(rng, p_cand, p_base, width):
+    return ((rng.random((p_cand.size, width)) < p_cand[:, None]).astype(float),
+            (rng.random((p_base.size, width)) < p_base[:, None]).astype(float))
 
 
-def test_data_that_do_not_follow_the_rule_keep_plain_means():
-    # question extended although unanimous on both sides in the first stage
-    cand = np.array([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=float)
-    base = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=float)
-    c_means, b_means = unbiased_question_means(cand, base, AdaptiveDesign(2, 4))
-    assert c_means[0] == pytest.approx(0.75) and b_means[0] == pytest.approx(1.0)
-    assert c_means[1] != pytest.approx(0.75)  # mixed: Rao-Blackwell estimate
+def _rates(rng, design, p_base, drop, pattern, sims, margin):
+    """P(pass), P(fail) and mean candidate samples per question of the sequential design."""
+    verdicts, used = [], 0
+    for _ in range(sims):
+        cand, base = _draw(rng, dropped_probabilities(rng, p_base, drop, pattern), p_base, design.max_samples)
+        decision = simulate_decision(cand, base, design, margin, 0.05)
+        verdicts.append(decision.verdict)
+        used += decision.candidate_samples
+    return verdicts.count("pass") / sims, verdicts.count("fail") / sims, used / (sims * p_base.size)
+
+
+def test_each_look_holds_its_level_with_the_plain_paired_t_statistic():
+    rng = np.random.default_rng(11)
+    p_base = rng.beta(BETA_A, BETA_B, 30)
+    sims, margin = 1500, 0.10
+    for k in (4, 16):
+        passes = 0
+        for _ in range(sims):
+            cand, base = _draw(rng, dropped_probabilities(rng, p_base, margin, "logit"), p_base, k)
+            passes += noninferiority(cand, base, margin, 0.05).verdict == "pass"
+        assert passes / sims <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
+
+
+@pytest.mark.parametrize("pattern", DROP_PATTERNS)
+def test_overall_pass_rate_at_the_margin_is_at_most_alpha(pattern):
+    rng = np.random.default_rng(12)
+    p_base = rng.beta(BETA_A, BETA_B, 30)  # a fixed question set
+    sims = 1200
+    passed, _, _ = _rates(rng, AdaptiveDesign(4, 16), p_base, 0.10, pattern, sims, margin=0.10)
+    assert passed <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
+
+
+def test_looking_at_the_nominal_level_every_time_would_not_hold_the_level():
+    """What the spending function corrects: three looks at 0.05 each pass too often at the margin."""
+    rng = np.random.default_rng(13)
+    p_base = np.full(200, 0.5)
+    sims, passes = 1500, 0
+    for _ in range(sims):
+        cand, base = _draw(rng, p_base - 0.05, p_base, 16)
+        passes += any(noninferiority(cand[:, :k], base[:, :k], 0.05, 0.05).verdict == "pass" for k in (4, 8, 16))
+    assert passes / sims > 0.075
+    sequential = sum(simulate_decision(*_draw(rng, p_base - 0.05, p_base, 16), AdaptiveDesign(4, 16), 0.05,
+                                       0.05).verdict == "pass" for _ in range(sims))
+    assert sequential / sims <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
+
+
+def test_sequential_design_saves_samples_and_keeps_the_power_of_the_fixed_design_of_equal_cost():
+    rng = np.random.default_rng(14)
+    p_base = rng.beta(BETA_A, BETA_B, 30)
+    design, margin, sims = AdaptiveDesign(4, 16), 0.10, 800
+    identical_pass, _, identical_cost = _rates(rng, design, p_base, 0.0, "proportional", sims, margin)
+    assert identical_pass >= 0.95 and identical_cost < 0.75 * design.max_samples
+    # power (P(fail)) at margin + 3 points against the fixed design with the same expected samples, on the
+    # same draws (common random numbers)
+    sequential_fails, costs, fixed_fails = 0, 0, {}
+    draws = []
+    for _ in range(sims):
+        cand, base = _draw(rng, dropped_probabilities(rng, p_base, margin + 0.03, "proportional"), p_base, 16)
+        decision = simulate_decision(cand, base, design, margin, 0.05)
+        sequential_fails += decision.verdict == "fail"
+        costs += decision.candidate_samples
+        draws.append((cand, base))
+    expected_k = costs / (sims * p_base.size)
+    for k in (math.floor(expected_k), math.ceil(expected_k)):
+        fixed_fails[k] = sum(noninferiority(c[:, :k], b[:, :k], margin, 0.05).verdict == "fail" for c, b in draws)
+    low, high = math.floor(expected_k), math.ceil(expected_k)
+    fixed_at_cost = fixed_fails[low] + (expected_k - low) * (fixed_fails[high] - fixed_fails[low])
+    assert sequential_fails >= fixed_at_cost - 0.01 * sims
 
 
 def test_a_look_uses_only_samples_before_k_so_a_replay_decides_the_same():
@@ -83,10 +129,9 @@ def test_a_look_uses_only_samples_before_k_so_a_replay_decides_the_same():
     cand = (rng.random((40, 8)) < 0.6).astype(float)
     base = (rng.random((40, 8)) < 0.6).astype(float)
     first = evaluate_look(cand[:, :2], base[:, :2], design, 2, margin=0.05, alpha=0.05)
-    replay = evaluate_look(cand, base, design, 2, margin=0.05, alpha=0.05)  # journal holds more samples
-    assert first.verdict == replay.verdict and first.next_k == replay.next_k == 4
-    np.testing.assert_array_equal(first.extend, replay.extend)
-    assert first.verdict.alpha == pytest.approx(0.05 / 3)
+    again = evaluate_look(cand, base, design, 2, margin=0.05, alpha=0.05)  # journal holds more samples
+    assert first.verdict == again.verdict and first.next_k == again.next_k == 4
+    assert first.verdict.alpha == pytest.approx(design.nominal_levels(0.05)[0]) and first.verdict.alpha < 0.01
     with pytest.raises(ValueError, match="not a look"):
         evaluate_look(cand, base, design, 3, margin=0.05, alpha=0.05)
 
@@ -94,31 +139,11 @@ def test_a_look_uses_only_samples_before_k_so_a_replay_decides_the_same():
 def test_a_decided_look_stops():
     ones = np.ones((200, 4))
     look = evaluate_look(ones, ones, AdaptiveDesign(4, 16), 4, margin=0.05, alpha=0.05)
-    assert look.verdict.verdict == "pass" and look.next_k is None and not look.extend.any()
-
-
-def _run_adaptive(full_c, full_b, design, margin):
-    """The adaptive procedure the orchestrator drives, on pre-drawn outcomes: (final look, samples used)."""
-    cand = np.full(full_c.shape, np.nan)
-    base = np.full(full_b.shape, np.nan) if design.baseline_adaptive else full_b
-    k = design.min_samples
-    cand[:, :k] = full_c[:, :k]
-    if design.baseline_adaptive:
-        base[:, :k] = full_b[:, :k]
-    while True:
-        look = evaluate_look(cand, base, design, k, margin, alpha=0.05)
-        if look.next_k is None:
-            return look, int(np.sum(~np.isnan(cand)))
-        rows, upto = look.extend, look.next_k
-        cand[rows, k:upto] = full_c[rows, k:upto]
-        if design.baseline_adaptive:
-            base[rows, k:upto] = full_b[rows, k:upto]
-        k = upto
+    assert look.verdict.verdict == "pass" and look.next_k is None
 
 
 def _run_by_replay(full_c, full_b, design, margin):
-    """The same procedure driven the way a (resumable) run drives it: replay, send what is wanted, repeat."""
-    width = design.max_samples
+    """The procedure driven the way a (resumable) run drives it: replay, send what is wanted, repeat."""
     cand_issued = np.zeros(full_c.shape, bool)
     base_issued = np.zeros(full_b.shape, bool) if design.baseline_adaptive else np.ones(full_b.shape, bool)
     while True:
@@ -126,27 +151,22 @@ def _run_by_replay(full_c, full_b, design, margin):
         progress = replay(cand, cand_issued, base, base_issued, design, margin, alpha=0.05)
         if progress.finished:
             return progress.look, int(cand_issued.sum())
-        assert progress.wanted.shape == (full_c.shape[0], width)
         cand_issued |= progress.wanted
         if design.baseline_adaptive:
             base_issued |= progress.wanted
 
 
 @pytest.mark.parametrize("baseline_adaptive", [True, False])
-def test_replay_from_issued_samples_reaches_the_same_decision_and_ignores_extra_samples(baseline_adaptive):
+def test_replay_from_issued_samples_reaches_the_decision_of_the_simulation(baseline_adaptive):
     rng = np.random.default_rng(5)
     design = AdaptiveDesign(2, 16, baseline_adaptive=baseline_adaptive)
     for drop in (0.0, 0.1, 0.3):
         p = rng.beta(BETA_A, BETA_B, 40)
-        full_c = (rng.random((40, 16)) < (p * (1 - drop))[:, None]).astype(float)
-        full_b = (rng.random((40, 16)) < p[:, None]).astype(float)
-        direct, used = _run_adaptive(full_c, full_b, design, margin=0.1)
-        replayed, used_by_replay = _run_by_replay(full_c, full_b, design, margin=0.1)
-        assert (replayed.k, replayed.verdict) == (direct.k, direct.verdict) and used_by_replay == used
-        # a journal holding every sample (e.g. from an interrupted later stage) replays to the same look
-        everything = np.ones(full_c.shape, bool)
-        again = replay(full_c, everything, full_b, everything, design, 0.1, 0.05)
-        assert again.finished and (again.look.k, again.look.verdict) == (direct.k, direct.verdict)
+        full_c, full_b = _draw(rng, p * (1 - drop), p, 16)
+        direct = simulate_decision(full_c, full_b, design, 0.1, 0.05)
+        replayed, used = _run_by_replay(full_c, full_b, design, margin=0.1)
+        assert (replayed.k, replayed.verdict.verdict) == (direct.looks[-1].k, direct.verdict)
+        assert used == direct.candidate_samples == 40 * replayed.k
 
 
 def test_replay_waits_for_the_first_stage():
@@ -158,51 +178,51 @@ def test_replay_waits_for_the_first_stage():
     assert progress.wanted[:, :4].all() and not progress.wanted[:, 4:].any()
 
 
-def _simulate_adaptive(rng, n, margin, true_drop, design, sims=2000):
-    counts = {"pass": 0, "fail": 0, "inconclusive": 0}
-    used = 0
-    mean_p = BETA_A / (BETA_A + BETA_B)
-    for _ in range(sims):
-        p_base = rng.beta(BETA_A, BETA_B, n)
-        p_cand = p_base * (1 - true_drop / mean_p)
-        full_c = (rng.random((n, design.max_samples)) < p_cand[:, None]).astype(float)
-        full_b = (rng.random((n, design.max_samples)) < p_base[:, None]).astype(float)
-        look, samples = _run_adaptive(full_c, full_b, design, margin)
-        counts[look.verdict.verdict] += 1
-        used += samples
-    return {name: c / sims for name, c in counts.items()}, used / (sims * n)
-
-
-def test_monte_carlo_adaptive_sampling_keeps_the_level_and_saves_samples():
-    rng = np.random.default_rng(2)
-    n, margin, sims = 30, 0.10, 2000
+def test_adjusted_inference_is_the_t_test_for_one_look_and_agrees_with_the_verdict():
+    rng = np.random.default_rng(6)
+    p = rng.beta(BETA_A, BETA_B, 30)
+    cand, base = _draw(rng, p * 0.9, p, 16)
+    single = AdaptiveDesign(16, 16)
+    decision = simulate_decision(cand, base, single, 0.1, 0.05)
+    adjusted = adjusted_inference(decision.looks, single, 0.1, 0.05)
+    fixed = noninferiority(cand, base, 0.1, 0.05)
+    assert adjusted.p_value == pytest.approx(fixed.p_value, rel=1e-4)
+    assert (adjusted.lower, adjusted.upper) == pytest.approx((fixed.lower, fixed.upper), abs=1e-5)
     design = AdaptiveDesign(4, 16)
-    at_margin, _ = _simulate_adaptive(rng, n, margin, margin, design, sims)
-    assert at_margin["pass"] <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
-    no_difference, samples = _simulate_adaptive(rng, n, margin, 0.0, design, sims)
-    assert no_difference["pass"] >= 0.8
-    assert samples < 0.6 * design.max_samples  # most questions stop at the first stage
-    twice, _ = _simulate_adaptive(rng, n, margin, 2 * margin, design, sims)
-    assert twice["fail"] > 0.5 and twice["pass"] == 0.0
+    for drop in (0.0, 0.1, 0.25):
+        cand, base = _draw(rng, dropped_probabilities(rng, p, drop, "proportional"), p, 16)
+        decision = simulate_decision(cand, base, design, 0.1, 0.05)
+        adjusted = adjusted_inference(decision.looks, design, 0.1, 0.05)
+        assert (decision.verdict == "pass") == (adjusted.p_value <= 0.05) == (adjusted.lower > -0.1)
+        assert (decision.verdict == "fail") == (adjusted.upper < -0.1)
+        assert adjusted.ci95[0] < adjusted.median_unbiased < adjusted.ci95[1]
 
 
-def test_monte_carlo_adaptive_against_a_stored_baseline():
-    rng = np.random.default_rng(3)
-    design = AdaptiveDesign(4, 16, baseline_adaptive=False)
-    at_margin, _ = _simulate_adaptive(rng, 30, 0.10, 0.10, design, sims=1000)
-    assert at_margin["pass"] <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 1000)
+def test_adjusted_interval_covers_the_true_drop():
+    rng = np.random.default_rng(7)
+    p = np.full(60, 0.5)
+    design, sims, covered = AdaptiveDesign(4, 16), 120, 0
+    for _ in range(sims):
+        cand, base = _draw(rng, p - 0.05, p, 16)
+        decision = simulate_decision(cand, base, design, 0.02, 0.05)  # stops early often: pass or fail
+        low, high = adjusted_inference(decision.looks, design, 0.02, 0.05).ci95
+        covered += low <= -0.05 <= high
+    assert covered / sims >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / sims)
 
 
-def test_compare_task_with_an_adaptive_design_uses_the_per_look_alpha_and_unbiased_means():
+def test_compare_sides_records_the_sequential_design_and_adjusted_inference():
     rng = np.random.default_rng(4)
-    design = AdaptiveDesign(2, 8)
     p = rng.beta(BETA_A, BETA_B, 50)
-    cand, base = _adaptive_sample(rng, p, p, design, sims=1)
+    cand, base = _draw(rng, p, p, 8)
     ids = tuple(f"q{i}" for i in range(50))
     none = np.zeros((50, 8), bool)
-    result = compare_task("t", SideOutcomes(ids, cand[0], none, none), SideOutcomes(ids, base[0], none, none),
-                          margin=0.1, design=design)
-    c_means, b_means = unbiased_question_means(cand[0], base[0], design)
-    assert result.test.alpha == pytest.approx(0.05 / 3)
-    assert result.test.delta == pytest.approx((c_means - b_means).mean())
-    assert result.candidate.accuracy - result.baseline.accuracy == pytest.approx(result.test.delta)
+    sides = [{"t": TaskResult("h", {}, SideOutcomes(ids, outcomes, none, none), (2, 8, "pocock"))}
+             for outcomes in (cand, base)]
+    result = compare_sides(*sides, lambda task: (0.1, 0.05))["t"]
+    section = result.to_dict()["sequential"]
+    decision = simulate_decision(cand, base, AdaptiveDesign(2, 8, "pocock"), 0.1, 0.05)
+    assert section["design"]["spending"] == "pocock" and section["design"]["looks"] == [2, 4, 8]
+    assert section["stopped_at"] == decision.looks[-1].k and result.verdict == decision.verdict
+    assert [look["k"] for look in section["looks_taken"]] == [look.k for look in decision.looks]
+    assert result.test.p_value == section["adjusted"]["p_value"]
+    assert result.test.lower == pytest.approx(section["adjusted"]["lower"])

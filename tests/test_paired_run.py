@@ -202,7 +202,9 @@ def test_adaptive_sampling_spends_less_and_replays_to_the_same_result(tmp_path):
     second = json.loads((second_dir / "comparison.json").read_text())
     assert first["tasks"] == second["tasks"]  # deterministic seeds: a repeated run gives the same result
     aime = first["tasks"]["aime24"]
-    assert aime["alpha"] < 0.05  # per-look level of the adaptive test
+    sequential = aime["sequential"]  # the group-sequential design stopped before max_samples
+    assert sequential["stopped_at"] < 8 and sequential["looks_taken"][-1]["verdict"] == aime["verdict"] == "pass"
+    assert aime["p_value"] == sequential["adjusted"]["p_value"] <= 0.05
     gated = run_cli("gate", str(run_dir))
     assert gated.exit_code == 0 and f"{100 * aime['delta']:+.1f}" in gated.output
 
