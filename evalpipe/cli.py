@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from evalpipe import compare_cli, orchestrator_cli
+from evalpipe import calibrate_cli, compare_cli, orchestrator_cli
 from evalpipe.interop import cli as interop_cli
 from runtime import cli as runtime_cli
 from runtime.server import cli as serve_cli
@@ -22,6 +22,7 @@ app = typer.Typer(
 
 orchestrator_cli.register(app)
 compare_cli.register(app)
+calibrate_cli.register(compare_cli.baseline_app)
 interop_cli.register(app)
 runtime_cli.register(app)
 serve_cli.register(app)

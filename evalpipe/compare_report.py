@@ -73,7 +73,7 @@ def _estimate(entry: dict[str, Any], scale: float = 1.0, digits: int = 4) -> str
 
 
 def divergence_lines(document: dict[str, Any]) -> list[str]:
-    """The divergence probe's statistics with 95% bootstrap intervals, its limits and its verdict."""
+    """The divergence probe's statistics with 95% intervals, its limits, the null (if any) and its verdict."""
     section = document.get("divergence")
     if not section:
         return []
@@ -84,15 +84,25 @@ def divergence_lines(document: dict[str, Any]) -> list[str]:
         return [head, f"  - nothing scored: {section['failed']} of {section['attempted']} generations failed"]
     limits = ", ".join(f"{name} {section[name]:g}" for name in ("max_kld", "min_top1_agreement")
                        if section.get(name) is not None) or "none (reported only)"
-    return [
+    lines = [
         head,
         f"  - {stats['n_positions']} positions of {stats['n_sequences']} generations "
         f"({section['failed']} failed); limits: {limits}",
         f"  - mean KLD {_estimate(stats['mean_kld'])} nats; p99 KLD {_estimate(stats['p99_kld'])}",
         f"  - top-1 agreement % {_estimate(stats['top1_agreement'], 100)}; mean |Δ logprob| of the baseline's "
         f"tokens {_estimate(stats['mean_abs_logprob_change'])}",
-        f"  - [95% bootstrap CI over generations]; KL: {section['approximation']}",
+        "  - [95% CI: means over generations, skewness-corrected t; p99 by bootstrap over generations]; "
+        f"KL: {section['approximation']}",
     ]
+    null = section.get("null")
+    if null and null.get("candidate"):
+        against = null["candidate"]
+        lines.append(f"  - null (baseline vs itself, {len(null['runs'])} A/A runs, {len(null['per_answer_kld'])} "
+                     f"answers): median {against['null_median_kld']:.4g}, {null['quantile']:g} quantile "
+                     f"{against['null_quantile_kld']:.4g} nats at {against['answers']} answers; "
+                     f"{100 * against['share_of_null_at_or_above']:.1f}% of null probes reach the candidate's mean "
+                     f"KLD; tolerance {null['tolerance']:g}")
+    return lines
 
 
 def gate_lines(document: dict[str, Any]) -> list[str]:

@@ -178,6 +178,10 @@ class DivergenceEntry(_Strict):
     from_registry: str | None = Field(default=None, pattern=REGISTRY_NAME,
                                       description="take the generations stored with this registry baseline")
     registry_dir: str = "results/baselines"
+    null: str | None = Field(default=None, pattern=REGISTRY_NAME,
+                             description="registry baseline whose calibrated divergence null (evalpipe baseline "
+                                         "calibrate-divergence) is shown with the result and sets the default "
+                                         "max_kld: the null's quantile at this probe's size plus its tolerance")
     tasks: list[str] | None = Field(default=None, min_length=1,
                                     description="whose generations (default: every task of the source)")
     limit: int = Field(default=32, ge=1, description="generations scored")

@@ -29,7 +29,7 @@ from evalpipe.launch import SERVER_LOGS, launched_sides, server_command, termina
 from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan
 from evalpipe.planning import detectable_table, planning_baseline
-from evalpipe.probe import prepare_probe, run_probe
+from evalpipe.probe import prepare_probe, run_probe, with_null_limit
 from evalpipe.report import plan_table, results_table
 from evalpipe.runner import data_source, execute_run, new_run_dir, plan_from_config, sides_of
 from evalpipe.stored import DEFAULT_REGISTRY_DIR, write_leaderboard
@@ -81,6 +81,7 @@ def run(
         raise UserError(f"--resume: no such run directory: {resume}")
     stored_baseline = prepare_baseline(run_config, plans)
     probe_setup = prepare_probe(run_config)
+    run_config = with_null_limit(run_config, probe_setup)
     show = progress and sys.stderr.isatty()
     run_dir = resume or new_run_dir(run_config)
     probe = None

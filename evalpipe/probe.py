@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -32,22 +33,26 @@ from evalpipe.config import DivergenceEntry, RunConfig, ServedSide
 from evalpipe.data import load_questions, question_order_key, resolve_data_dir
 from evalpipe.divergence import (
     KL_APPROXIMATION,
+    DivergenceNull,
     DivergenceSummary,
     ScoredPosition,
     SequenceScores,
     divergence_verdict,
+    against_null,
+    calibrate_null,
+    null_means,
     score_sequence,
     summarize,
 )
 from evalpipe.errors import UserError
-from evalpipe.gate import DIVERGENCE, GateConfig, ProbeOutcome
+from evalpipe.gate import DIVERGENCE, GateConfig, GateOverride, ProbeOutcome
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.launch import resolve_model
 from evalpipe.plan import TaskPlan, prompt_hash, render_messages
 from evalpipe.records import SampleRecord
 from evalpipe.report import write_json
 from evalpipe.runner import BASELINE, CANDIDATE
-from evalpipe.stored import GENERATIONS_FILE, registry_path
+from evalpipe.stored import GENERATIONS_FILE, load_divergence_null, read_resolved_config, registry_path
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +192,7 @@ class ProbeResult:
     settings: dict[str, Any]
     scores: list[tuple[Generation, SequenceScores]] = field(default_factory=list)
     failures: list[tuple[Generation, str]] = field(default_factory=list)
+    null: DivergenceNull | None = None  # the baseline's calibrated null, when the config names one
 
     @property
     def attempted(self) -> int:
@@ -201,10 +207,14 @@ class ProbeResult:
 
     def document(self, summary: DivergenceSummary | None) -> dict[str, Any]:
         """summary.json of the probe (also the `divergence` section of comparison.json, before the verdict)."""
-        return {**self.settings, "approximation": KL_APPROXIMATION, "attempted": self.attempted,
-                "failed": len(self.failures), "errors": [f"{g.task}/{g.question_id}#{g.sample_index}: {e}"
-                                                         for g, e in self.failures[:5]],
-                "statistics": summary.to_dict() if summary else None}
+        document = {**self.settings, "approximation": KL_APPROXIMATION, "attempted": self.attempted,
+                    "failed": len(self.failures), "errors": [f"{g.task}/{g.question_id}#{g.sample_index}: {e}"
+                                                             for g, e in self.failures[:5]],
+                    "statistics": summary.to_dict() if summary else None}
+        if self.null is not None:
+            document["null"] = {**self.null.to_dict(), **(
+                {"candidate": against_null(self.null, summary.mean_kld.value, summary.n_sequences)} if summary else {})}
+        return document
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,7 @@ class ProbeSetup:
     tokenizer: Any | None
     tokenizer_source: str | None
     stored: list[Generation] | None  # from the registry; None: this run's baseline journal
+    null: DivergenceNull | None = None  # divergence.null's calibrated null
 
 
 def prepare_probe(config: RunConfig) -> ProbeSetup | None:
@@ -240,7 +251,25 @@ def prepare_probe(config: RunConfig) -> ProbeSetup | None:
     stored = registry_generations(entry, resolve_data_dir(config.data_dir)) if entry.from_registry else None
     if stored is not None and not stored:
         raise UserError(f"divergence.from_registry: {entry.from_registry} holds no usable generations")
-    return ProbeSetup(entry, tokenizer, source, stored)
+    null = load_divergence_null(entry.null, entry.registry_dir) if entry.null else None
+    return ProbeSetup(entry, tokenizer, source, stored, null)
+
+
+def with_null_limit(config: RunConfig, setup: ProbeSetup | None) -> RunConfig:
+    """The config with the divergence limit its null implies, when it names a null and its gate sets no max_kld:
+    the null's quantile at this probe's size (divergence.limit answers) plus the null's tolerance. Applied
+    before the run starts, so the resolved config (and a later `evalpipe gate`) holds the limit used."""
+    if setup is None or setup.null is None or config.gate is None:
+        return config
+    if config.gate.for_task(DIVERGENCE).max_kld is not None:
+        return config
+    null = setup.null
+    limit = float(np.quantile(null_means(null.per_answer_kld, setup.entry.limit), null.quantile)) + null.tolerance
+    override = config.gate.tasks.get(DIVERGENCE, GateOverride()).model_copy(update={"max_kld": round(limit, 6)})
+    log.info("divergence: max_kld %.4g nats = the null's %g quantile at %d answers + tolerance %g (from %s)",
+             limit, null.quantile, setup.entry.limit, null.tolerance, setup.entry.null)
+    gate = config.gate.model_copy(update={"tasks": {**config.gate.tasks, DIVERGENCE: override}})
+    return config.model_copy(update={"gate": gate})
 
 
 async def _score_side(pool: EndpointPool, model: str, items: Sequence[ProbeItem], top_k: int, concurrency: int,
@@ -287,7 +316,7 @@ def run_probe(config: RunConfig, setup: ProbeSetup, plans: Sequence[TaskPlan], r
                 "prompt_format": "chat template, token ids" if setup.tokenizer is not None else "plain text",
                 "top_k": entry.top_logprobs, "limit": entry.limit, "max_tokens": entry.max_tokens,
                 "bootstrap": entry.bootstrap, "seed": entry.seed}
-    result = ProbeResult(settings)
+    result = ProbeResult(settings, null=setup.null)
     log.info("divergence: scoring %d baseline generations on both servers (echo, top-%d logprobs)", len(items),
              entry.top_logprobs)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -346,7 +375,7 @@ def load_probe(run_dir: Path) -> ProbeResult | None:
     document = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
     settings = {key: document[key] for key in ("source", "tokenizer", "prompt_format", "top_k", "limit",
                                                "max_tokens", "bootstrap", "seed")}
-    result = ProbeResult(settings)
+    result = ProbeResult(settings, null=DivergenceNull.from_dict(document["null"]) if document.get("null") else None)
     for line in (folder / SCORES_FILE).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         generation = Generation(row["task"], row["question_id"], row["sample_index"], (), "")
@@ -355,3 +384,35 @@ def load_probe(run_dir: Path) -> ProbeResult | None:
         else:
             result.scores.append((generation, SequenceScores.from_dict(row)))
     return result
+
+
+def calibrate_from_runs(run_dirs: Sequence[Path], tolerance: float, quantile: float, answers: int | None
+                        ) -> DivergenceNull:
+    """The null from A/A runs: runs whose candidate is the baseline model (same quantization and launched model)
+    under another batch composition, request order or seed, each with a divergence probe. `answers` (default:
+    the runs' probe limit) is the probe size the quantile is computed for."""
+    per_answer: list[float] = []
+    runs: list[dict] = []
+    limits = set()
+    for run_dir in run_dirs:
+        saved = read_resolved_config(run_dir)
+        probe = load_probe(run_dir)
+        if probe is None or not probe.scores:
+            raise UserError(f"{run_dir}: no divergence probe scores (divergence/{SCORES_FILE}); run an A/A config "
+                            "with a `- task: divergence` entry, e.g. configs/quickstart_null.yaml")
+        cand, base = saved.get("candidate") or {}, saved.get("baseline") or {}
+        differing = [key for key in ("quantization",) if cand.get(key) != base.get(key)]
+        cand_launch, base_launch = cand.get("launch") or {}, base.get("launch") or {}
+        if cand_launch.get("model") != base_launch.get("model"):
+            differing.append("launch.model")
+        if differing:
+            raise UserError(f"{run_dir}: not an A/A run, candidate and baseline differ in {differing}; the null is "
+                            "the baseline against itself")
+        values = [float(scores.kld.mean()) for _, scores in probe.scores if len(scores)]
+        per_answer += values
+        limits.add(probe.settings["limit"])
+        runs.append({"source": str(run_dir), "run_id": (saved.get("resolved") or {}).get("run_id"),
+                     "candidate_args": cand_launch.get("args"), "baseline_args": base_launch.get("args"),
+                     "answers": len(values), "mean_kld": float(np.mean(values))})
+    size = answers if answers is not None else max(limits)
+    return calibrate_null(per_answer, runs, size, tolerance, quantile)

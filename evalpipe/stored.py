@@ -25,6 +25,7 @@ from evalpipe.comparison import SideOutcomes, TaskResult, outcome_codes
 from evalpipe.config import DEFAULT_SPENDING, REGISTRY_NAME
 from evalpipe.errors import UserError
 from evalpipe.data import question_order_key
+from evalpipe.divergence import DivergenceNull
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.records import SampleRecord
@@ -39,6 +40,8 @@ REGISTRY_FILE = "baseline.json"
 # putting its text where crawlers can read it, and answers quote the question, so its answers are not stored.
 GENERATIONS_FILE = "generations.jsonl"
 UNSTORED_TASKS = ("gpqa_diamond",)
+# The divergence probe's null measured for the stored baseline (`evalpipe baseline calibrate-divergence`).
+DIVERGENCE_NULL_FILE = "divergence_null.json"
 REGISTRY_FORMAT = 1
 SIDES = ("candidate", "baseline")
 # Sampling settings that must agree between compared sides (samples may differ: the comparison pairs means).
@@ -258,3 +261,30 @@ def write_leaderboard(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) ->
     (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
     (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
     return len(runs)
+
+
+def save_divergence_null(null: DivergenceNull, name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR,
+                         force: bool = False) -> Path:
+    """Store the divergence null next to the registry baseline `name` (which must exist)."""
+    entry = registry_path(name, registry_dir)
+    if not entry.is_file():
+        raise UserError(f"baseline {name!r} not found in {registry_dir}; save it first with "
+                        "`evalpipe baseline save RUN_DIR --name NAME` (the null is stored with it)")
+    path = entry.parent / DIVERGENCE_NULL_FILE
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to replace it")
+    write_json(path, {"format": REGISTRY_FORMAT, "name": name,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **null.to_dict()})
+    return path
+
+
+def load_divergence_null(name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR) -> DivergenceNull:
+    path = registry_path(name, registry_dir).parent / DIVERGENCE_NULL_FILE
+    if not path.is_file():
+        raise UserError(f"baseline {name!r} has no divergence null ({path} not found); measure it with "
+                        "`evalpipe baseline calibrate-divergence RUN_DIR ... --name NAME`")
+    document = _read_json(path, "a divergence null")
+    try:
+        return DivergenceNull.from_dict(document)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: not a divergence null ({exc})") from None
