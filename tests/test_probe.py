@@ -160,3 +160,51 @@ def test_text_prompts_find_the_answer_after_a_leading_special_token() -> None:
     assert [p.token for p in scored] == [" It", " is", " 2", "."]
     assert [p.token for p in scored_positions(echo_body(tokens, 12), ProbeItem(GENERATION, item.prompt,
                                                                                item.scored_from), 2)] == [" It", " is"]
+
+
+@needs_shared_data
+def test_calibrated_null_sets_the_limit_and_is_shown_against_the_candidate(tmp_path: Path) -> None:
+    registry = tmp_path / "baselines"
+    # the A/A run: the same model on both sides, scored with a small drift (another batch composition)
+    _, aa_dir, _, _ = probe_run(tmp_path / "aa", 0.02, {})
+    assert run_cli("baseline", "save", str(aa_dir), "--name", "fake-fp8", "--side", "baseline",
+                   "--registry-dir", str(registry)).exit_code == 0
+    stored = run_cli("baseline", "calibrate-divergence", str(aa_dir), "--name", "fake-fp8", "--tolerance", "0.05",
+                     "--registry-dir", str(registry))
+    assert stored.exit_code == 0, stored.output
+    null = json.loads((registry / "fake-fp8" / "divergence_null.json").read_text())
+    assert len(null["per_answer_kld"]) == 10 and null["answers"] == 10 and null["tolerance"] == 0.05
+    assert null["max_kld"] == pytest.approx(null["null_kld"] + 0.05) and null["null_kld"] > 0.0
+    again = run_cli("baseline", "calibrate-divergence", str(aa_dir), "--name", "fake-fp8", "--tolerance", "0.05",
+                    "--registry-dir", str(registry))
+    assert again.exit_code == 2 and "--force" in again.output
+
+    # a diverging candidate, gated on the limit its null implies (no max_kld in the config)
+    probe = {**PROBE, "null": "fake-fp8", "registry_dir": str(registry)}
+    result, run_dir, _, _ = probe_run(tmp_path / "ab", 1.5, {}, probe=probe)
+    assert result.exit_code == 1, result.output
+    section = json.loads((run_dir / "comparison.json").read_text())["divergence"]
+    limit = yaml.safe_load((run_dir / "config.yaml").read_text())["gate"]["tasks"]["divergence"]["max_kld"]
+    assert section["max_kld"] == limit == pytest.approx(null["max_kld"], rel=1e-4)
+    assert section["null"]["candidate"]["share_of_null_at_or_above"] == 0.0 and section["verdict"] == "fail"
+    assert "null (baseline vs itself, 1 A/A runs, 10 answers)" in (run_dir / "report.md").read_text()
+
+
+@needs_shared_data
+def test_calibration_refuses_what_is_not_an_a_a_run_and_a_missing_null(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "divergence").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"candidate": {"quantization": "w4afp8"},
+                                                         "baseline": {"quantization": "fp8"}}))
+    (run_dir / "divergence" / "summary.json").write_text(json.dumps({
+        "source": "b", "tokenizer": None, "prompt_format": "plain text", "top_k": 20, "limit": 2, "max_tokens": 8,
+        "bootstrap": 100, "seed": 0}))
+    (run_dir / "divergence" / "scores.jsonl").write_text(json.dumps(
+        {"task": "t", "question_id": "q", "sample_index": 0, "kld": [0.1], "top1_agree": [1], "logprob_delta": [0]}))
+    refused = run_cli("baseline", "calibrate-divergence", str(run_dir), "--name", "x", "--tolerance", "0.1",
+                      "--registry-dir", str(tmp_path))
+    assert refused.exit_code == 2 and "not an A/A run" in refused.output and "quantization" in refused.output
+    config = _config(tmp_path, tasks=[TASKS[0], {**PROBE, "null": "none", "registry_dir": str(tmp_path)}],
+                     baseline=LIVE_BASELINE, gate={"margin": 0.5})
+    missing = run_cli("run", str(config), "--no-progress")
+    assert missing.exit_code == 2 and "baseline 'none' has no divergence null" in missing.output
