@@ -146,11 +146,13 @@ def skew_corrected_bounds(values: np.ndarray, level: float) -> tuple[float, floa
     return mean - sd / root_n * pivot(t_quantile), mean - sd / root_n * pivot(-t_quantile)
 
 
-def mean_estimate(values: np.ndarray, alpha: float) -> Estimate:
-    """The mean of per-answer values with its 95% interval and one-sided (1 - alpha) bounds."""
-    low, high = skew_corrected_bounds(values, 0.975)
-    lower, upper = skew_corrected_bounds(values, 1.0 - alpha)
-    return Estimate(float(np.mean(values)), (low, high), lower, upper)
+def mean_estimate(values: np.ndarray, alpha: float, support: tuple[float, float] = (-math.inf, math.inf)
+                  ) -> Estimate:
+    """The mean of per-answer values with its 95% interval and one-sided (1 - alpha) bounds, each clipped to
+    the statistic's `support` (a KL is >= 0, an agreement in [0, 1]; clipping cannot lose coverage)."""
+    bounds = [*skew_corrected_bounds(values, 0.975), *skew_corrected_bounds(values, 1.0 - alpha)]
+    low, high, lower, upper = np.clip(bounds, *support)
+    return Estimate(float(np.mean(values)), (float(low), float(high)), float(lower), float(upper))
 
 
 def weighted_quantile(sorted_values: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
@@ -206,11 +208,11 @@ def summarize(sequences: Sequence[SequenceScores], *, alpha: float = 0.05, resam
     return DivergenceSummary(
         n_sequences=n,
         n_positions=int(lengths.sum()),
-        mean_kld=mean_estimate(per_answer["kld"], alpha),
+        mean_kld=mean_estimate(per_answer["kld"], alpha, (0.0, math.inf)),
         p99_kld=_bootstrap_estimate(float(np.quantile(kld_all, P_QUANTILE, method="inverted_cdf")), p99_replicates,
                                     alpha),
-        top1_agreement=mean_estimate(per_answer["top1"], alpha),
-        mean_abs_logprob_change=mean_estimate(per_answer["abs_delta"], alpha),
+        top1_agreement=mean_estimate(per_answer["top1"], alpha, (0.0, 1.0)),
+        mean_abs_logprob_change=mean_estimate(per_answer["abs_delta"], alpha, (0.0, math.inf)),
         alpha=alpha,
     )
 
