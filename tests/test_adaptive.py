@@ -226,3 +226,16 @@ def test_compare_sides_records_the_sequential_design_and_adjusted_inference():
     assert [look["k"] for look in section["looks_taken"]] == [look.k for look in decision.looks]
     assert result.test.p_value == section["adjusted"]["p_value"]
     assert result.test.lower == pytest.approx(section["adjusted"]["lower"])
+
+
+def test_config_spending_defaults_to_obrien_fleming_and_needs_samples_auto():
+    from pydantic import ValidationError
+
+    from evalpipe.config import TaskEntry
+
+    assert TaskEntry(task="aime24", samples="auto").spending == "obrien-fleming"
+    assert TaskEntry(task="aime24", samples="auto", spending="pocock").spending == "pocock"
+    with pytest.raises(ValidationError, match="apply only with samples: auto"):
+        TaskEntry(task="aime24", samples=4, spending="pocock")
+    with pytest.raises(ValidationError, match="spending"):
+        TaskEntry(task="aime24", samples="auto", spending="haybittle")
