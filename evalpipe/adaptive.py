@@ -317,7 +317,8 @@ class AdjustedInference:
 
     def to_dict(self) -> dict:
         return {"p_value": self.p_value, "lower": _finite(self.lower), "upper": _finite(self.upper),
-                "ci95": [_finite(self.ci95[0]), _finite(self.ci95[1])], "median_unbiased": _finite(self.median_unbiased)}
+                "ci95": [_finite(self.ci95[0]), _finite(self.ci95[1])],
+                "median_unbiased": _finite(self.median_unbiased)}
 
 
 def _finite(value: float) -> float | None:
