@@ -189,7 +189,7 @@ class DivergenceEntry(_Strict):
     top_logprobs: int = Field(default=20, ge=1, le=20, description="alternatives per position (k)")
     tokenizer: str | None = Field(default=None, description="renders the chat prompt; default: the baseline's "
                                                             "launched model")
-    bootstrap: int = Field(default=1000, ge=100, description="bootstrap resamples of the generations")
+    bootstrap: int = Field(default=1000, ge=100, description="bootstrap resamples of the generations (p99 KL)")
     seed: int = Field(default=0, ge=0)
 
 

@@ -105,7 +105,7 @@ def score_sequence(base: Sequence[ScoredPosition], cand: Sequence[ScoredPosition
 
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic with its bootstrap 95% interval and one-sided (1 - alpha) lower and upper bounds."""
+    """A statistic with its 95% interval and one-sided (1 - alpha) lower and upper bounds."""
 
     value: float
     ci95: tuple[float, float]

@@ -9,7 +9,8 @@ positions are exactly the generated tokens; without one it is sent as plain text
 lines) and the scored positions are found from the returned token texts.
 
 Writes `<run_dir>/divergence/scores.jsonl` (per generation: per-position KL, top-1 agreement, logprob change)
-and `<run_dir>/divergence/summary.json` (the statistics of evalpipe.divergence with bootstrap intervals).
+and `<run_dir>/divergence/summary.json` (the statistics of evalpipe.divergence with their intervals, and the
+baseline's calibrated null when the config names one).
 """
 
 from __future__ import annotations
