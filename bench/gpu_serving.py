@@ -112,6 +112,16 @@ def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> dict
     return {"first_token": first, "mean_prefix": prefix, "identical": identical}
 
 
+def greedy_agreements(servers: list[ServerResult], tokenize) -> dict[str, dict[str, float]]:
+    """Each non-torch server's greedy completions against the torch server of the same variant, if any."""
+    out = {}
+    for s in servers:
+        ref = next((r for r in servers if r.variant == s.variant and r.backend == "torch" and r.greedy), None)
+        if ref is not None and s is not ref and s.greedy:
+            out[s.name] = greedy_agreement([tokenize(t) for t in ref.greedy], [tokenize(t) for t in s.greedy])
+    return out
+
+
 def environment() -> dict[str, str]:
     import torch
 
@@ -331,27 +341,22 @@ def main() -> int:
     dirs = build_checkpoints(args)
     build_note = f"Both built on the GPU in {time.perf_counter() - t:.0f} s."
     prompts = greedy_prompts(args.tokenizer, args.greedy_prompts, 64)
-    servers = []
-    for i, spec in enumerate(args.servers.split(",")):
-        variant, backend = spec.split(":")
-        servers.append(serve_one(args, variant, backend, dirs[variant], prompts, args.port + i))
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    ids = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
-    agreement = {}
-    for variant in {s.variant for s in servers}:
-        ref = next((s for s in servers if s.variant == variant and s.backend == "torch" and s.greedy), None)
-        for s in servers:
-            if ref is not None and s.variant == variant and s is not ref and s.greedy:
-                agreement[s.name] = greedy_agreement(ids(ref.greedy), ids(s.greedy))
-    problems = [p for s in servers for p in failures(s)]
     gpu = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
-    (args.out / f"{gpu}.md").write_text(render_markdown(env, args, servers, agreement, problems, build_note))
-    (args.out / f"{gpu}.json").write_text(json.dumps(
-        {"environment": env, "servers": [asdict(s) for s in servers], "greedy_agreement": agreement,
-         "problems": problems}, indent=1))
+    servers: list[ServerResult] = []
+    problems: list[str] = []
+    for i, spec in enumerate(args.servers.split(",")):
+        variant, backend = spec.split(":")
+        servers.append(serve_one(args, variant, backend, dirs[variant], prompts, args.port + i))
+        # Written after every server, so that a run cut short keeps what it measured.
+        agreement = greedy_agreements(servers, lambda text: tok(text, add_special_tokens=False)["input_ids"])
+        problems = [p for s in servers for p in failures(s)]
+        (args.out / f"{gpu}.md").write_text(render_markdown(env, args, servers, agreement, problems, build_note))
+        (args.out / f"{gpu}.json").write_text(json.dumps(
+            {"environment": env, "servers": [asdict(s) for s in servers], "greedy_agreement": agreement,
+             "problems": problems}, indent=1))
     print((args.out / f"{gpu}.md").read_text())
     return 1 if problems else 0
 

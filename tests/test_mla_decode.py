@@ -87,5 +87,5 @@ def test_mla_decode_path_matches_torch_attention(batch_invariant):
 
 def test_mla_decode_names_bad_widths():
     q, kv, table = _paged_case([4], torch.float32, seed=0)
-    with pytest.raises(ValueError, match="powers of two"):
+    with pytest.raises(ValueError, match="powers of two >= 16"):
         mla_decode(q[..., :-1], kv[..., :-1], table, torch.tensor([4]), 48, 0.1)

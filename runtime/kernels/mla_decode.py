@@ -113,6 +113,11 @@ def _mla_decode_merge(
     tl.store(out_ptr + b * stride_outb + h * stride_outh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
+def supports(latent_dim: int, rope_dim: int) -> bool:
+    """Widths the kernel takes: powers of two (Triton block shapes) of at least 16 (the products' K extent)."""
+    return all(w >= 16 and w & (w - 1) == 0 for w in (latent_dim, rope_dim))
+
+
 def num_splits(batch: int, heads: int, max_len: int, sm_count: int) -> int:
     """Context pieces per sequence: enough programs for PROGRAMS_PER_SM per SM, each piece at least BLOCK_N rows."""
     programs = batch * triton.cdiv(heads, BLOCK_H)
@@ -132,8 +137,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, slot_table: torch.Tensor
     rope = dim - latent_dim
     if kv_cache.shape[-1] != dim or kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"mla_decode: q {tuple(q.shape)} and kv_cache {tuple(kv_cache.shape)} must share a contiguous last dim")
-    if latent_dim & (latent_dim - 1) or rope & (rope - 1):
-        raise ValueError(f"mla_decode: latent ({latent_dim}) and rope ({rope}) widths must be powers of two")
+    if not supports(latent_dim, rope):
+        raise ValueError(f"mla_decode: latent ({latent_dim}) and rope ({rope}) widths must be powers of two >= 16")
     max_len = slot_table.shape[1]
     if splits is None:
         sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8

@@ -22,12 +22,12 @@ from runtime.parallel import ParallelContext
 from runtime.quant.base import QuantConfig
 
 
-def _gpu_decode_kernel(device):
+def _gpu_decode_kernel(device, latent_dim: int, rope_dim: int):
     if torch.device(device).type != "cuda" or importlib.util.find_spec("triton") is None:
         return None
-    from runtime.kernels.mla_decode import mla_decode
+    from runtime.kernels.mla_decode import mla_decode, supports
 
-    return mla_decode
+    return mla_decode if supports(latent_dim, rope_dim) else None
 
 
 class MLAttention(nn.Module):
@@ -64,7 +64,7 @@ class MLAttention(nn.Module):
         self.dtype = dtype
         # One new token per sequence on a GPU: the Triton paged MLA decode kernel (runtime.kernels.mla_decode);
         # elsewhere, and for prompt chunks, runtime.layers.attention. None: always the latter.
-        self.decode_kernel = _gpu_decode_kernel(device)
+        self.decode_kernel = _gpu_decode_kernel(device, self.kv_lora, self.rope_dim)
 
     def after_loading(self) -> None:
         w = self.kv_b_proj.quant_method.dequantized_weight(self.kv_b_proj)
