@@ -93,6 +93,17 @@ def failures(server: ServerResult) -> list[str]:
     return out
 
 
+def sweep_levels(sweep: str, server: str, default: list[int]) -> list[int]:
+    """Concurrency levels for `server` from --sweep: "all", or comma-separated NAME or NAME=C1/C2/... entries."""
+    if sweep == "all":
+        return default
+    for entry in sweep.split(","):
+        name, _, levels = entry.partition("=")
+        if name == server:
+            return [int(c) for c in levels.split("/")] if levels else default
+    return []
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -241,8 +252,8 @@ def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[l
             return result
         log.info("%s:%s up in %.0f s", variant, backend, result.startup_s)
         result.greedy = ask_greedy(url, prompts, args.greedy_tokens)
-        sweep = f"{variant}:{backend}" in args.sweep or args.sweep == ["all"]
-        levels = [0, *args.concurrency] if sweep else []
+        levels = sweep_levels(args.sweep, f"{variant}:{backend}", args.concurrency)
+        levels = [0, *levels] if levels else []
         for c in levels:
             warmup = c == 0
             conc = args.warmup_concurrency if warmup else c
@@ -257,12 +268,13 @@ def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[l
             if not level.healthy_after:
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         result.http_5xx, result.engine_errors = scan_server_log(server_log.read_text(errors="replace"))
     return result
 
@@ -309,7 +321,8 @@ def main() -> int:
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--servers", default="w4afp8:torch,w4afp8:cutlass,w4afp8:triton,fp8:auto",
                    help="variant:moe-backend, comma-separated; torch first (the greedy reference)")
-    p.add_argument("--sweep", default="all", help="servers that get the load sweep (comma-separated, or all)")
+    p.add_argument("--sweep", default="all", help="servers that get the load sweep: all, or comma-separated "
+                   "SERVER or SERVER=C1/C2 (its own levels), e.g. w4afp8:cutlass,fp8:auto=1/16")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dense-layers", type=int, default=1)
     p.add_argument("--experts", type=int, default=64)
@@ -330,7 +343,6 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.sweep = args.sweep.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out_logs = args.work / "logs"

@@ -52,3 +52,11 @@ def test_greedy_agreement_against_the_torch_server():
     agreement = gpu_serving.greedy_agreements([torch_side, fast, other], lambda text: [int(t) for t in text.split()])
     assert set(agreement) == {"w4afp8:cutlass"}  # fp8 has no torch server to compare with
     assert agreement["w4afp8:cutlass"] == {"first_token": 0.5, "mean_prefix": 1.0, "identical": 0.0}
+
+
+def test_sweep_levels_per_server():
+    assert gpu_serving.sweep_levels("all", "fp8:auto", [1, 16, 64]) == [1, 16, 64]
+    spec = "w4afp8:cutlass,fp8:auto=1/16"
+    assert gpu_serving.sweep_levels(spec, "w4afp8:cutlass", [1, 16, 64]) == [1, 16, 64]
+    assert gpu_serving.sweep_levels(spec, "fp8:auto", [1, 16, 64]) == [1, 16]
+    assert gpu_serving.sweep_levels(spec, "w4afp8:torch", [1, 16, 64]) == []  # greedy check only
