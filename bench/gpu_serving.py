@@ -167,8 +167,11 @@ def run_checked(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t
 
 
-def build_checkpoints(args) -> dict[str, Path]:
+def build_checkpoints(args) -> tuple[dict[str, Path], str]:
+    """The two checkpoints, and a note on how they came about (built now, or reused from --work)."""
     fp8, w4 = args.work / "r1-fp8", args.work / "r1-w4afp8"
+    t = time.perf_counter()
+    reused = (fp8 / "config.json").exists() and (w4 / "config.json").exists()
     if not (fp8 / "config.json").exists():
         s = run_checked(evalpipe_cmd("model", "synth-deepseek", str(fp8), "--preset", "r1", "--layers", str(args.layers),
                                      "--dense-layers", str(args.dense_layers), "--experts", str(args.experts),
@@ -179,7 +182,8 @@ def build_checkpoints(args) -> dict[str, Path]:
         s = run_checked(evalpipe_cmd("quantize", str(fp8), str(w4), "--scheme", "w4afp8", "--device", "cuda",
                                      "--calib-samples", str(args.calib_samples)), args.out_logs / "quantize.log")
         log.info("w4afp8 checkpoint written in %.0f s", s)
-    return {"fp8": fp8, "w4afp8": w4}
+    note = f"Reused from {args.work}." if reused else f"Both built on the GPU in {time.perf_counter() - t:.0f} s."
+    return {"fp8": fp8, "w4afp8": w4}, note
 
 
 def greedy_prompts(tokenizer_dir: Path, n: int, length: int) -> list[list[int]]:
@@ -349,9 +353,7 @@ def main() -> int:
     args.out_logs.mkdir(exist_ok=True)
 
     env = environment()
-    t = time.perf_counter()
-    dirs = build_checkpoints(args)
-    build_note = f"Both built on the GPU in {time.perf_counter() - t:.0f} s."
+    dirs, build_note = build_checkpoints(args)
     prompts = greedy_prompts(args.tokenizer, args.greedy_prompts, 64)
     from transformers import AutoTokenizer
 

@@ -183,7 +183,12 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   if (!p.prefetch_weights_early) wait_for_previous_kernel();
   allow_next_kernel_launch();
   // L2 loads (.cg): the tile list was written by another kernel that this one is not ordered after by a wait.
-  if (tile >= __ldcg(p.num_tiles)) return;
+  if (tile >= __ldcg(p.num_tiles)) {
+    // Even an idle CTA waits: this kernel then completes only after the previous one did, so the next kernel's
+    // wait on this one covers the whole chain (with no tiles at all, no CTA would wait otherwise).
+    if (p.prefetch_weights_early) wait_for_previous_kernel();
+    return;
+  }
   const int tid = threadIdx.x;
   const int expert = __ldcg(p.tiles + 3 * tile), row0 = __ldcg(p.tiles + 3 * tile + 1), nrows = __ldcg(p.tiles + 3 * tile + 2);
   const int n_tiles = p.N / kTileRows;
