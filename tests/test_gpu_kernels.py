@@ -132,7 +132,8 @@ def test_cutlass_dependent_launch_reads_this_calls_routing(m):
     start while block 0 was still writing. The buffers come from the caching allocator, so a stale read sees
     whatever the block held last: here the previous call's tiles for a different routing, which gives wrong
     experts (in the engine, other kernels' data: an illegal memory access). Alternating two routings over
-    reused buffers must give each one's plain-stream-order result every time."""
+    reused buffers must give each one's plain-stream-order result every time. A guard, not a reproduction: on an
+    H200 the kernel before the fix also passed it (the window is narrow), and so did a served sweep."""
     from runtime.kernels.cutlass_moe import CutlassW4AFp8MoE
 
     backend, prepared = _prepared("cutlass", "r1_tp8")

@@ -26,6 +26,10 @@ SMALL = {
 
 
 CASES = [("demo_like", 5, "skewed")] + [(s, m, r) for s in ("g128", "ep") for m in (1, 5, 40) for r in ("uniform", "skewed")]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter runs each program in numpy (the demo_like case alone takes ~35 s on a CI core): CI keeps
+    # one case per group size (128; 64 with an expert offset); the GPU runs them all.
+    CASES = [("g128", 5, "skewed"), ("ep", 40, "uniform")]
 
 
 @pytest.mark.parametrize("shape_name,m,routing", CASES)
