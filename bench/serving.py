@@ -21,6 +21,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-hf", metavar="MODEL_DIR", help="also time HF transformers generate on these prompts")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--result-json", type=Path, help="also write the summary here (bench/gpu_serving.py reads it)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -206,6 +208,8 @@ def main() -> None:
     results, duration = asyncio.run(run_load(args, prompts))
     summary = summarize(results, duration)
     print_result(summary, args.request_rate, args.max_concurrency)
+    if args.result_json:
+        args.result_json.write_text(json.dumps(summary))
     for r in results:
         if not r.ok:
             print(f"failed request: {r.error}")

@@ -124,6 +124,30 @@ def test_cutlass_dependent_launch_gives_identical_results(m):
     assert torch.equal(backend(case.x, *prepared, *args), plain)
 
 
+@pytest.mark.parametrize("m", [8, 1000, 4096])
+def test_cutlass_dependent_launch_reads_this_calls_routing(m):
+    """Issue 16: the down GEMM used to read the tile list before routing had finished writing it (the gate/up
+    GEMM let it launch before its own wait). Routing runs in block 0 of the routing kernel while the other blocks
+    quantize x; from about a thousand tokens (a prompt chunk) those blocks come in waves, and the down GEMM could
+    start while block 0 was still writing. The buffers come from the caching allocator, so a stale read sees
+    whatever the block held last: here the previous call's tiles for a different routing, which gives wrong
+    experts (in the engine, other kernels' data: an illegal memory access). Alternating two routings over
+    reused buffers must give each one's plain-stream-order result every time. A guard, not a reproduction: on an
+    H200 the kernel before the fix also passed it (the window is narrow), and so did a served sweep."""
+    from runtime.kernels.cutlass_moe import CutlassW4AFp8MoE
+
+    backend, prepared = _prepared("cutlass", "r1_tp8")
+    plain = CutlassW4AFp8MoE(pdl=False)
+    cases = [synthetic_moe(SHAPES["r1_tp8"], m, "uniform", "cuda", seed=s, experts=_layer("r1_tp8")) for s in (21, 22)]
+    calls = [((c.x, *prepared, c.a1, c.a2, c.topk_ids, c.topk_weights)) for c in cases]
+    expected = [plain(*args) for args in calls]
+    mismatches = 0
+    for i in range(60):
+        out = backend(*calls[i % 2])
+        mismatches += not torch.equal(out, expected[i % 2])
+    assert mismatches == 0, f"{mismatches} of 60 calls differ from plain stream order"
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 7168, 7168), (4096, 2112, 7168), (7, 1536, 576), (33, 200, 1000)])
 def test_fp8_block_linear_matches_reference(m, n, k):
     if CUDA_REASON:

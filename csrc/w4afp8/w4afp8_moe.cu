@@ -41,8 +41,13 @@ __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(_
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
 
-// Programmatic dependent launch (PDL): a kernel launched with the PDL attribute may start while the previous one
-// finishes; it must wait before touching anything that kernel writes. Both are no-ops without the attribute.
+// Programmatic dependent launch (PDL): a kernel launched with the PDL attribute may start as soon as every CTA of
+// the previous kernel has called launch_dependents (or exited); it must wait before touching anything that kernel
+// writes. Both are no-ops without the attribute. The chain per MoE call is route (plain launch: starts after the
+// engine's previous kernel completed) -> gate/up GEMM -> down GEMM -> combine. The wait only covers the previous
+// kernel of the chain, so whatever a kernel reads before its wait must be complete by the time that previous
+// kernel lets it launch: the gate/up GEMM therefore triggers only after its own wait (routing complete), which is
+// what makes the down GEMM's early read of the tile list safe.
 __device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void allow_next_kernel_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
@@ -170,13 +175,22 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   using Cfg = GemmConfig<NT, G, SG>;
   constexpr int kStages = Cfg::kStages;
   const int tile = blockIdx.x;
-  allow_next_kernel_launch();
-  // The tile list comes from the routing kernel. When that is not the previous kernel (down GEMM), it is
-  // complete already and this CTA prefetches its weights while the previous kernel finishes.
+  // The tile list comes from the routing kernel. The gate/up GEMM runs right after it and waits first. The down
+  // GEMM prefetches its weights while the gate/up GEMM drains, reading the tile list before its wait: that is
+  // safe only because the gate/up GEMM lets it launch after that GEMM's own wait, i.e. once routing completed
+  // (launching dependents before the wait let the down GEMM read a tile list still being written: garbage
+  // expert and row indices, an illegal memory access when the buffer last held another kernel's data).
   if (!p.prefetch_weights_early) wait_for_previous_kernel();
-  if (tile >= *p.num_tiles) return;
+  allow_next_kernel_launch();
+  // L2 loads (.cg): the tile list was written by another kernel that this one is not ordered after by a wait.
+  if (tile >= __ldcg(p.num_tiles)) {
+    // Even an idle CTA waits: this kernel then completes only after the previous one did, so the next kernel's
+    // wait on this one covers the whole chain (with no tiles at all, no CTA would wait otherwise).
+    if (p.prefetch_weights_early) wait_for_previous_kernel();
+    return;
+  }
   const int tid = threadIdx.x;
-  const int expert = p.tiles[3 * tile], row0 = p.tiles[3 * tile + 1], nrows = p.tiles[3 * tile + 2];
+  const int expert = __ldcg(p.tiles + 3 * tile), row0 = __ldcg(p.tiles + 3 * tile + 1), nrows = __ldcg(p.tiles + 3 * tile + 2);
   const int n_tiles = p.N / kTileRows;
   const int nt_begin = blockIdx.y * p.n_per_cta;
   const int nt_count = min(p.n_per_cta, n_tiles - nt_begin);

@@ -41,7 +41,8 @@ struct GemmArgs {
   int groups_per_stage;          // 1 or 2 (see gemm_groups_per_stage)
   bool swiglu;
   bool pdl;                      // launch as a programmatic dependent of the previous kernel
-  bool prefetch_weights_early;   // the tile list predates the previous kernel: load weights before waiting on it
+  bool prefetch_weights_early;   // the tile list is complete when this launches (the previous kernel triggered
+                                 // after its own wait): load weights before waiting on it
 };
 
 struct CombineArgs {

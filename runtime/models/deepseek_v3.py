@@ -3,6 +3,9 @@ dense first layers. Multi-token-prediction layers in the checkpoint are skipped.
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -17,6 +20,14 @@ from runtime.model_api import KVCacheSpec
 from runtime.models.base import CausalLMBase, DecoderLayer
 from runtime.parallel import ParallelContext
 from runtime.quant.base import QuantConfig
+
+
+def _gpu_decode_kernel(device, latent_dim: int, rope_dim: int):
+    if torch.device(device).type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from runtime.kernels.mla_decode import mla_decode, supports
+
+    return mla_decode if supports(latent_dim, rope_dim) else None
 
 
 class MLAttention(nn.Module):
@@ -51,6 +62,9 @@ class MLAttention(nn.Module):
         if c.rope.rope_type == "yarn" and c.rope.mscale_all_dim:
             self.scale *= yarn_mscale(c.rope.factor, c.rope.mscale_all_dim) ** 2
         self.dtype = dtype
+        # One new token per sequence on a GPU: the Triton paged MLA decode kernel (runtime.kernels.mla_decode);
+        # elsewhere, and for prompt chunks, runtime.layers.attention. None: always the latter.
+        self.decode_kernel = _gpu_decode_kernel(device, self.kv_lora, self.rope_dim)
 
     def after_loading(self) -> None:
         w = self.kv_b_proj.quant_method.dequantized_weight(self.kv_b_proj)
@@ -68,10 +82,35 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self.rotary.rotate(q_pe, cos, sin), self.rotary.rotate(k_pe, cos, sin)
         kv_cache[meta.slot_mapping] = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1).to(kv_cache.dtype)
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1)  # [T, heads, kv_lora]
-        keys = kv_cache.unsqueeze(1)  # one shared key head: [slots, 1, kv_lora + rope]
-        out_latent = paged_attention(torch.cat((q_latent, q_pe), dim=-1), keys, keys[..., : self.kv_lora], meta, self.scale)
+        out_latent = self._attend(torch.cat((q_latent, q_pe), dim=-1), kv_cache, meta)
         out = torch.bmm(out_latent.transpose(0, 1), self.w_vc).transpose(0, 1)  # [T, heads, v]
         return self.o_proj(out.reshape(t, -1))
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, heads, kv_lora + rope] -> [T, heads, kv_lora]; decode rows on the GPU kernel when there is one."""
+        keys = kv_cache.unsqueeze(1)  # one shared key head: [slots, 1, kv_lora + rope]
+        if self.decode_kernel is None:
+            return paged_attention(q, keys, keys[..., : self.kv_lora], meta, self.scale)
+        out = q.new_empty(q.shape[0], q.shape[1], self.kv_lora)
+        d = meta.decode
+        if d is not None:
+            offsets = torch.arange(d.block_size, device=d.blocks.device)
+            slot_table = (d.blocks[:, :, None] * d.block_size + offsets).flatten(1)
+            context_lens = d.mask.flatten(1).sum(1)  # MLA has no sliding window: the mask is a prefix per sequence
+            out[d.rows] = self.decode_kernel(q[d.rows], kv_cache, slot_table, context_lens, self.kv_lora, self.scale)
+        # A lone decoding sequence (and, in batch-invariant mode, every one) is a span with one new token that
+        # sees its whole cache. Attended alone, with splits chosen from its own length: batch-invariant.
+        single = [s for s in meta.spans if s.length == 1 and s.mask is None]
+        for s in single:
+            lens = torch.full((1,), s.slots.shape[0], dtype=torch.int32, device=q.device)
+            out[s.start : s.start + 1] = self.decode_kernel(q[s.start : s.start + 1], kv_cache, s.slots[None], lens,
+                                                            self.kv_lora, self.scale)
+        rest = [s for s in meta.spans if not (s.length == 1 and s.mask is None)]
+        if rest:
+            prompt_out = paged_attention(q, keys, keys[..., : self.kv_lora], replace(meta, spans=rest, decode=None), self.scale)
+            for s in rest:
+                out[s.start : s.start + s.length] = prompt_out[s.start : s.start + s.length]
+        return out
 
 
 class DeepseekMoE(nn.Module):
