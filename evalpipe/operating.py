@@ -267,6 +267,37 @@ def _chunks(sims: int, n: int) -> list[int]:
     return [min(size, sims - start) for start in range(0, sims, size)]
 
 
+def _resampled_status(rng: np.random.Generator, design: TaskDesign, drop: float,
+                      population: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
+    """Statuses of m runs per pattern with each run's questions drawn with replacement from the profile (one
+    draw of questions and baseline samples shared by the patterns); the expected drop is `drop`."""
+    rates, tau, rule = design.rates, design.truncation, design.rule
+    index = rng.integers(0, design.n, size=(m, design.n))
+    base_rates, base_tau = rates[index], tau[index]
+    base = _draw(rng, design.k_baseline, base_rates, base_tau, m, rule)
+    statuses = {}
+    for pattern in PATTERNS:
+        if pattern == "broken_subset":  # each question broken with the probability giving E[drop] = drop
+            cand_rates = np.where(rng.random(index.shape) < drop / float(rates.mean()), 0.0, base_rates)
+        else:  # the population's shift, applied to each drawn question
+            cand_rates = population[pattern][index]
+        cand = _draw(rng, design.k_candidate, cand_rates, np.minimum(base_tau, 1 - cand_rates), m, rule)
+        statuses[pattern] = decide_draws(cand, base, rule)[1]
+    return statuses
+
+
+def resampled_pass(design: TaskDesign, drop: float, sims: int, seed: int = 0) -> dict[str, float]:
+    """P(pass) per pattern when the expected drop over a population of questions is `drop` and each run's
+    questions are a fresh sample (bench/gate_oc.py scans drops with it: what can be promised for the population)."""
+    rng = np.random.default_rng([seed, _task_seed(design.task), 11])
+    population = {pattern: drop_rates(design.rates, drop, pattern) for pattern in PATTERNS[:2]}
+    parts: dict[str, list[np.ndarray]] = {}
+    for m in _chunks(sims, design.n):
+        for pattern, status in _resampled_status(rng, design, drop, population, m).items():
+            parts.setdefault(pattern, []).append(status)
+    return {pattern: _share(np.concatenate(chunks) == "pass") for pattern, chunks in parts.items()}
+
+
 def task_sims(settings: Settings, n: int) -> int:
     return int(min(max(settings.sims, settings.elements // max(n, 1)), max(settings.max_sims, settings.sims)))
 
@@ -305,17 +336,9 @@ def simulate_task(design: TaskDesign, settings: Settings, per_task_power: float)
             result, status = decide_draws(cand, base, rule)
             keep(name, status)
             keep(f"{name}_result", result)
-        if possible and settings.resampled:  # questions drawn with replacement: one draw shared by the patterns
-            index = rng.integers(0, design.n, size=(m, design.n))
-            base_rates, base_tau = rates[index], tau[index]
-            base = _draw(rng, design.k_baseline, base_rates, base_tau, m, rule)
-            for pattern in PATTERNS:
-                if pattern == "broken_subset":  # each question broken with the probability giving E[drop] = margin
-                    cand_rates = np.where(rng.random(index.shape) < rule.margin / mean, 0.0, base_rates)
-                else:  # the population's shift, applied to each drawn question
-                    cand_rates = population[pattern][index]
-                cand = _draw(rng, design.k_candidate, cand_rates, np.minimum(base_tau, 1 - cand_rates), m, rule)
-                keep(f"resampled_{pattern}", decide_draws(cand, base, rule)[1])
+        if possible and settings.resampled:
+            for pattern, status in _resampled_status(rng, design, rule.margin, population, m).items():
+                keep(f"resampled_{pattern}", status)
     runs = {name: np.concatenate(parts) for name, parts in collected.items()}
     identical_pass = runs["identical"] == "pass"
     figures: dict = {

@@ -58,7 +58,7 @@ def planning_baseline(config: RunConfig, reference: str | None, registry_dir: st
         try:
             return load_registry(config.baseline.registry, config.baseline.registry_dir)
         except UserError as exc:  # planning comes before the baseline exists; `run` insists on it
-            log.warning("%s; planning with the worst-case variance", exc)
+            log.warning("%s; planning with the stated prior (planning.accuracy) or the worst case", exc)
             return None
     side = "baseline" if config.baseline is not None else "candidate"
     for run_dir in sorted(Path(config.output_dir, config.name).glob("*/"), reverse=True):
