@@ -152,8 +152,8 @@ def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
                  f"streaming {'on' if config.client.stream else 'off'}")
     stdout.print(plan_table(plans))
     requests = sum(len(p.requests) for p in plans)
-    budget = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
-    stdout.print(f"total: {requests:,} requests, at most {budget:,} completion tokens per side")
+    ceiling = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
+    stdout.print(f"total: {requests:,} requests, at most {ceiling:,} completion tokens per side")
     if config.baseline is not None:
         reference = planning_baseline(config, None, DEFAULT_REGISTRY_DIR)
         stdout.print(detectable_table(config, plans, reference, power=0.8))

@@ -315,3 +315,12 @@ def test_run_adds_itself_to_a_leaderboard_folder_that_holds_no_runs(tmp_path):
     rows = [line for line in (board / "leaderboard.md").read_text().splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 1 and rows[0].startswith(f"| {run_dir.name} |")
+
+
+def test_dry_run_states_the_gate_operating_characteristics_and_budget(tmp_path):
+    config = _config(tmp_path, baseline=LIVE_BASELINE, gate={"margin": 0.2})
+    result = run_cli("run", str(config), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "P(exit 0 | candidate identical to the baseline)" in result.output
+    assert "budget: 200 requests per side (candidate and baseline)" in result.output
+    assert not (tmp_path / "runs").exists()
