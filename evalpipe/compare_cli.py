@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import typer
 
 from evalpipe.comparison import (
@@ -22,10 +23,22 @@ from evalpipe.comparison import (
 )
 from evalpipe.config import RegistrySide
 from evalpipe.errors import UserError
-from evalpipe.gate import GateConfig, apply_gate
+from evalpipe.compare_report import comparison_markdown
+from evalpipe.gate import COMMAND_LINE_FIELDS, GateConfig, apply_gate
 from evalpipe.junit import junit_xml
 from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
-from evalpipe.planning import detectable_table, planning_baseline
+from evalpipe.operating import DEFAULT_SIMS, DEFAULT_TRUNCATION, Settings, operating_characteristics
+from evalpipe.planning import (
+    budget,
+    budget_line,
+    config_operating_characteristics,
+    design_for,
+    detectable_table,
+    oc_lines,
+    oc_table,
+    plan_rows,
+    planning_baseline,
+)
 from evalpipe.probe import add_probe_section, load_probe
 from evalpipe.runner import plan_from_config
 from evalpipe.stored import (
@@ -51,10 +64,15 @@ ForceOption = Annotated[bool, typer.Option(
                     "printed and recorded in the comparison as forced_differences")]
 
 
+def _recorded_gate(run_dir: Path) -> tuple[dict[str, Any], str]:
+    raw = read_resolved_config(run_dir).get("gate")
+    return dict(raw or {}), "the run's gate config" if raw else "defaults (the run has no gate section)"
+
+
 def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
                    on_inconclusive: str | None = None) -> GateConfig:
     """The run's `gate:` section (defaults if none) with command-line values on top."""
-    raw = dict(read_resolved_config(run_dir).get("gate") or {})
+    raw, _ = _recorded_gate(run_dir)
     given = {"margin": margin, "alpha": alpha, "on_inconclusive": on_inconclusive}
     raw.update({key: value for key, value in given.items() if value is not None})
     for key, value in given.items():
@@ -64,8 +82,32 @@ def _gate_settings(run_dir: Path, margin: float | None, alpha: float | None,
     return validated(GateConfig, raw, "gate settings")
 
 
+def command_line_overrides(run_dir: Path, settings: GateConfig, tasks: list[str]) -> list[dict[str, Any]]:
+    """Each command-line gate setting that differs from what the run recorded, with the tasks it changed: the
+    decision was made under other rules than the ones fixed before the results were seen."""
+    raw, where = _recorded_gate(run_dir)
+    recorded = validated(GateConfig, raw, "recorded gate settings")
+    overrides = []
+    for setting in COMMAND_LINE_FIELDS:
+        changed: dict[Any, list[str]] = {}
+        for task in tasks:
+            before, after = getattr(recorded.for_task(task), setting), getattr(settings.for_task(task), setting)
+            if before != after:
+                changed.setdefault(before, []).append(task)
+        for before, names in changed.items():
+            overrides.append({"setting": setting, "command_line": getattr(settings.for_task(names[0]), setting),
+                              "recorded": before, "recorded_from": where, "tasks": names})
+    return overrides
+
+
+def _missing_tasks(candidate: StoredSide, baseline: StoredSide) -> dict[str, str]:
+    return {task: f"the baseline {baseline.source} has no results for it" for task in candidate.tasks
+            if task not in baseline.tasks}
+
+
 def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig, force: bool
              ) -> dict[str, TaskComparison]:
+    """Every task both sides have (the caller deals with tasks the baseline lacks: _missing_tasks)."""
     try:
         comparisons = compare_sides(candidate.tasks, baseline.tasks,
                                     lambda task: (gate.for_task(task).margin, gate.for_task(task).alpha), force)
@@ -103,8 +145,10 @@ def compare(
     """Compare the candidate sides of two runs question by question and print the comparison table."""
     setup_logging(False)
     candidate, baseline = load_run_side(run_a), resolve_side(run_b, registry_dir)
-    comparisons = _compare(candidate, baseline, _gate_settings(run_a, margin, alpha), force)
+    settings = _gate_settings(run_a, margin, alpha)
+    comparisons = _compare(candidate, baseline, settings, force)
     document = _document(comparisons, candidate, baseline)
+    _record(document, _missing_tasks(candidate, baseline), command_line_overrides(run_a, settings, list(comparisons)))
     if json_out is not None:
         json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print_comparison(document)
@@ -114,6 +158,40 @@ def compare(
 # evalpipe gate
 
 
+def _record(document: dict[str, Any], missing: dict[str, str], overrides: list[dict[str, Any]]) -> None:
+    if missing:
+        document["missing_tasks"] = missing
+    if overrides:
+        document["overrides"] = overrides
+
+
+def _gate_operating(run_dir: Path, own_baseline: bool, overrides: list[dict[str, Any]], candidate: StoredSide,
+                    reference: StoredSide, settings: GateConfig, comparisons: dict[str, TaskComparison]
+                    ) -> dict[str, Any] | None:
+    """The operating characteristics of the gate as applied: the ones the run stated before it started when
+    nothing changed, else simulated anew from this baseline's per-question outcomes and these settings."""
+    stated = run_dir / "comparison.json"
+    if own_baseline and not overrides and stated.is_file():
+        recorded = json.loads(stated.read_text(encoding="utf-8")).get("operating_characteristics")
+        if recorded is not None:
+            return recorded
+    designs = []
+    for task, comparison in comparisons.items():
+        outcomes = reference.tasks[task].outcomes
+        cand = candidate.tasks[task].outcomes
+        counts = (~np.isnan(cand.correct)).sum(axis=1)
+        k_candidate = max(1, round(float(counts[counts > 0].mean()))) if (counts > 0).any() else 1
+        ids = [qid for qid in cand.question_ids if qid in set(outcomes.question_ids)]
+        designs.append(design_for(task, settings.for_task(task), ids, k_candidate, None, outcomes, None, None,
+                                  DEFAULT_TRUNCATION))
+    if not designs:
+        return None
+    document = operating_characteristics(designs, Settings(identical_pass_rate=settings.identical_pass_rate))
+    document["baseline_data"] = reference.source
+    document["stated"] = "simulated when gated (settings or baseline differ from the run's)"
+    return document
+
+
 def gate(
     run_dir: Annotated[Path, typer.Argument(help="run directory whose candidate side is gated")],
     baseline: Annotated[str | None, typer.Option(
@@ -121,9 +199,15 @@ def gate(
     junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML (one testcase per task)")] = None,
     margin: MarginOption = None,
     alpha: AlphaOption = None,
-    on_inconclusive: Annotated[Literal["fail", "pass"] | None, typer.Option("--on-inconclusive")] = None,
+    on_inconclusive: Annotated[Literal["fail", "pass"] | None, typer.Option(
+        "--on-inconclusive", help="replaces the run's setting (recorded as an override)")] = None,
     registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
     force: ForceOption = False,
+    allow_missing_tasks: Annotated[bool, typer.Option(
+        "--allow-missing-tasks", help="gate the tasks the baseline has and record the others as not compared "
+                                      "(default: a task the baseline lacks is an input error, exit 2)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the gate's comparison document here")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="write the comparison as markdown here")] = None,
 ) -> None:
     """Apply the non-inferiority gate to a stored run. Exit 0 pass, 1 regression, 2 config error, 3 infra."""
     setup_logging(False)
@@ -134,18 +218,34 @@ def gate(
         reference = load_run_side(run_dir, "baseline")
     else:
         raise UserError(f"{run_dir} has no baseline side; give --baseline RUN_DIR_OR_REGISTRY_NAME")
+    missing = _missing_tasks(candidate, reference)
+    if missing and not allow_missing_tasks:
+        raise UserError(f"{reference.source} has no results for {sorted(missing)}, which the candidate has: they "
+                        "would not be gated (give --allow-missing-tasks to gate the rest and record them)")
     settings = _gate_settings(run_dir, margin, alpha, on_inconclusive)
     comparisons = _compare(candidate, reference, settings, force)
     document = _document(comparisons, candidate, reference)
+    overrides = command_line_overrides(run_dir, settings, list(comparisons))
+    _record(document, {task: f"{why} (--allow-missing-tasks)" for task, why in missing.items()}, overrides)
     # The divergence probe measured the candidate against the run's own baseline server: it counts only there.
     probe = load_probe(run_dir) if baseline is None else None
     probe_outcome = add_probe_section(document, probe, settings) if probe is not None else None
     result = apply_gate(comparisons, settings, probe_outcome)
     document["gate"] = result.to_dict()
+    operating = _gate_operating(run_dir, baseline is None, overrides, candidate, reference, settings, comparisons)
+    if operating is not None:
+        document["operating_characteristics"] = operating
     print_comparison(document)
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(result), encoding="utf-8")
+        junit.write_text(junit_xml(result, overrides=overrides, not_compared=document.get("missing_tasks")),
+                         encoding="utf-8")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(comparison_markdown(document), encoding="utf-8")
     stdout.print(f"gate: {result.status} (exit code {result.exit_code})", highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -162,20 +262,42 @@ def plan(
                            "default: the config's registry baseline, else the latest run of this config")] = None,
     power: Annotated[float, typer.Option(help="power at which the detectable regression is computed")] = 0.8,
     registry_dir: RegistryDir = DEFAULT_REGISTRY_DIR,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object (operating characteristics, "
+                                                             "budget, plan rows) and nothing else")] = False,
+    sims: Annotated[int, typer.Option(help="fewest simulated runs per task (small tasks get more)")] = DEFAULT_SIMS,
 ) -> None:
-    """Per task: requests, token budget, the smallest regression the run can detect and the samples it needs."""
+    """Per task: requests, token budget, the smallest regression the run can detect and the samples it needs; then
+    the gate's operating characteristics (its error rates as a whole, by simulation)."""
     setup_logging(False)
     if not 0.0 < power < 1.0:
         raise UserError(f"--power must be in (0, 1), got {power}")
+    if sims < 10:
+        raise UserError(f"--sims must be at least 10, got {sims}")
     run_config, plans = plan_from_config(config)
     reference = planning_baseline(run_config, baseline, registry_dir)
-    stored = isinstance(run_config.baseline, RegistrySide)
+    settings = Settings(sims=sims, identical_pass_rate=(run_config.gate or GateConfig()).identical_pass_rate)
+    document = config_operating_characteristics(run_config, plans, reference, settings)
+    spend = budget(run_config, plans, reference)
+    if json_output:
+        header, rows = plan_rows(run_config, plans, reference, power=power)
+        typer.echo(json.dumps({"config": run_config.name, "operating_characteristics": document, "budget": spend,
+                               "plan": [dict(zip(header, row, strict=True)) for row in rows],
+                               "variance_from": reference.source if reference else None}, indent=2))
+        return
     stdout.print(detectable_table(run_config, plans, reference, power=power))
-    stdout.print(f"variance from: {reference.source if reference else 'no baseline data (worst case)'}",
+    stdout.print(f"variance from: {reference.source if reference else 'no baseline data (prior or worst case)'}",
                  highlight=False, soft_wrap=True)
-    sides = "the candidate only (stored baseline)" if stored else (
-        "candidate and baseline" if run_config.baseline else "the candidate only (no baseline: nothing is compared)")
-    stdout.print(f"requests and tokens are per side; this config evaluates {sides}.", highlight=False)
+    stdout.print(budget_line(spend), highlight=False, soft_wrap=True)
+    print_operating_characteristics(document)
+
+
+def print_operating_characteristics(document: dict | None) -> None:
+    if document is None:
+        stdout.print("operating characteristics: no gate in this config (nothing is decided)", highlight=False)
+        return
+    stdout.print(oc_table(document, "operating characteristics of the gate (simulated; nothing sent)"))
+    for line in oc_lines(document):
+        stdout.print(line, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

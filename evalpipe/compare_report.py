@@ -10,6 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
+from evalpipe.gate import headline
+from evalpipe.planning import oc_markdown
+
 COLUMNS = ("task", "questions", "candidate %", "baseline %", "Δ pts [95% CI]", "margin pts", "verdict", "gate",
            "lost / gained", "Δ both completed (n)", "truncated % c / b")
 FLIPS_SHOWN = 20
@@ -42,12 +45,28 @@ def comparison_rows(document: dict[str, Any]) -> list[list[str]]:
             f"{_pts(t['delta'])} {_interval(t['ci95'])}",
             f"-{100 * t['margin']:.1f}",
             t["verdict"],
-            gate.get(task, {}).get("status", "-"),
+            _gate_cell(gate.get(task)),
             f"{len(t['flipped']['baseline_only'])} / {len(t['flipped']['candidate_only'])}",
             f"{_pts(both['delta'])} ({both['n']})",
             f"{_pct(t['candidate']['truncation_rate'])} / {_pct(t['baseline']['truncation_rate'])}",
         ])
     return rows
+
+
+def _shown(decision: dict[str, Any]) -> tuple[str, str | None]:
+    """(result, counted_as) of a gate decision; documents written before results existed derive them."""
+    if "result" in decision:
+        return decision["result"], decision.get("counted_as")
+    if decision["status"] != "error" and decision.get("verdict") == "inconclusive":
+        return "inconclusive", decision["status"]
+    return decision["status"], None
+
+
+def _gate_cell(decision: dict[str, Any] | None) -> str:
+    if not decision:
+        return "-"
+    result, counted = _shown(decision)
+    return f"{result} (counted {counted})" if counted else result
 
 
 def _title(document: dict[str, Any]) -> str:
@@ -105,13 +124,31 @@ def divergence_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def task_headline(decision: dict[str, Any]) -> str:
+    """PASS, FAIL, ERROR, or INCONCLUSIVE with how it was counted (never PASS for an undecided task)."""
+    result, counted = _shown(decision)
+    return headline(result, counted, decision.get("uninformative"))
+
+
+def override_lines(document: dict[str, Any]) -> list[str]:
+    """Settings given on the command line that replaced the run's recorded gate settings."""
+    lines = []
+    for entry in document.get("overrides") or []:
+        lines.append(f"override from the command line: {entry['setting']} {entry['command_line']} replaces "
+                     f"{entry['recorded']} ({entry['recorded_from']}) for {', '.join(entry['tasks'])}")
+    return lines
+
+
 def gate_lines(document: dict[str, Any]) -> list[str]:
-    """One line per task of the gate: its status, the numbers and why."""
+    """One line per task of the gate: PASS / FAIL / INCONCLUSIVE (counted as ...) / ERROR, the numbers and why;
+    then tasks not compared and command-line overrides."""
     lines = []
     for task, decision in (document.get("gate") or {}).get("tasks", {}).items():
-        lines.append(f"{task}: {decision['status'].upper()} - {decision['summary']}")
+        lines.append(f"{task}: {task_headline(decision)} - {decision['summary']}")
         lines += [f"  - {reason}" for reason in decision["reasons"]]
-    return lines
+    for task, why in (document.get("missing_tasks") or {}).items():
+        lines.append(f"{task}: NOT COMPARED - {why}")
+    return lines + override_lines(document)
 
 
 def comparison_markdown(document: dict[str, Any]) -> str:
@@ -127,8 +164,10 @@ def comparison_markdown(document: dict[str, Any]) -> str:
     if document.get("divergence"):
         lines += ["", "### Divergence probe (teacher-forced)", ""]
         lines += [line if line.startswith(" ") else f"- {line}" for line in divergence_lines(document)]
-    if document.get("gate"):
+    if document.get("gate") or document.get("missing_tasks") or document.get("overrides"):
         lines += ["", "### Gate", ""] + [line if line.startswith(" ") else f"- {line}" for line in gate_lines(document)]
+    if document.get("operating_characteristics"):
+        lines += [""] + oc_markdown(document["operating_characteristics"])
     for task, t in document["tasks"].items():
         lost, gained = t["flipped"]["baseline_only"], t["flipped"]["candidate_only"]
         if lost or gained:

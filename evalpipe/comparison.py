@@ -156,6 +156,9 @@ class TaskComparison:
     both_completed: PairedDiff | None  # the comparison on questions where no sample truncated on either side
     unpaired: dict[str, int]  # questions present on one side only
     sequential: dict | None = None  # an adaptive task's group-sequential design, looks and adjusted inference
+    # candidate - baseline of the per-question share of samples NOT truncated (negative: the candidate truncates
+    # more); the gate's truncation test runs on it. None when nothing pairs.
+    truncation: PairedDiff | None = None
 
     @property
     def verdict(self) -> VerdictName:
@@ -188,7 +191,16 @@ class TaskComparison:
             },
             "unpaired_questions": dict(self.unpaired),
             **({"sequential": self.sequential} if self.sequential is not None else {}),
+            "truncation_increase": _truncation_increase(self.truncation),
         }
+
+
+def _truncation_increase(diff: PairedDiff | None) -> dict | None:
+    """The paired truncation-rate difference, candidate - baseline (positive: the candidate truncates more)."""
+    if diff is None:
+        return None
+    return {"delta": _number(-diff.delta), "stderr": _number(diff.stderr),
+            "ci95": _interval((-diff.ci95[1], -diff.ci95[0])), "n": diff.n_questions}
 
 
 def _number(value: float) -> float | None:
@@ -260,6 +272,12 @@ def compare_task(
         both = paired_difference_of_means(
             cand_means[completed], base_means[completed], cand_counts[completed], base_counts[completed]
         )
+    truncation = None
+    if with_data.any():
+        cand_done, _ = per_question(completed_samples(cand), "candidate")
+        base_done, _ = per_question(completed_samples(base), "baseline")
+        truncation = paired_difference_of_means(cand_done[with_data], base_done[with_data], cand_counts[with_data],
+                                                base_counts[with_data])
     return TaskComparison(
         task=task,
         candidate=_side_stats(cand, cand_means[with_data], cand_counts[with_data]),
@@ -271,6 +289,7 @@ def compare_task(
         both_completed=both,
         unpaired=unpaired,
         sequential=sequential,
+        truncation=truncation,
     )
 
 
@@ -298,6 +317,12 @@ def sequential_section(design: AdaptiveDesign, looks: Sequence[Look], margin: fl
         "unadjusted": ({"p_value": last.verdict.p_value, "ci95": _interval(last.diff.ci95)}
                        if last is not None else None),
     }
+
+
+def completed_samples(side: SideOutcomes) -> np.ndarray:
+    """(n, k): 1.0 where a sample finished within max_tokens, 0.0 where it was truncated, NaN where it has no
+    outcome (errored or never issued), the same missing pattern as `correct`."""
+    return np.where(np.isnan(side.correct), np.nan, (~side.truncated).astype(float))
 
 
 def overall_verdict(verdicts: Iterable[VerdictName]) -> VerdictName:

@@ -222,6 +222,25 @@ class PreflightConfig(_Strict):
     max_truncation_rate: float | None = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class PlanningConfig(_Strict):
+    """Assumptions `evalpipe plan` (and the operating characteristics stated with every run) use where no baseline
+    data exist; the output names them. With a registry entry or an earlier run, its measurements are used."""
+
+    source: str | None = Field(default=None, description="where the prior accuracies come from (cited in the plan)")
+    accuracy: dict[str, float] = Field(default_factory=dict,
+                                       description="per task: the baseline's expected accuracy, a fraction")
+    truncation_rate: float = Field(default=0.04, ge=0.0, le=1.0,
+                                   description="truncation assumed on both sides when none is measured")
+
+    @field_validator("accuracy")
+    @classmethod
+    def _fractions(cls, accuracy: dict[str, float]) -> dict[str, float]:
+        bad = {task: value for task, value in accuracy.items() if not 0.0 <= value <= 1.0}
+        if bad:
+            raise ValueError(f"accuracies are fractions in [0, 1], got {bad}")
+        return accuracy
+
+
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "results/runs"
@@ -235,6 +254,7 @@ class RunConfig(_Strict):
                                                               "rewritten after the run")
     client: ClientConfig = Field(default_factory=ClientConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
 
     @field_validator("tasks")
     @classmethod
@@ -253,6 +273,9 @@ class RunConfig(_Strict):
                 self._check_divergence(i, entry)
             elif entry.adaptive and self.baseline is None:
                 raise ValueError(f"tasks.{i}.samples: 'auto' needs a baseline (its verdict decides when to stop)")
+        unknown_prior = sorted(set(self.planning.accuracy) - set(names))
+        if unknown_prior:
+            raise ValueError(f"planning.accuracy: {unknown_prior} are not tasks of this run ({names})")
         if self.gate is not None:
             if self.baseline is None:
                 raise ValueError("gate: needs a baseline to compare against (add baseline:)")

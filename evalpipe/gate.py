@@ -3,24 +3,36 @@
 Per task, in order:
 1. A side whose error rate exceeds `max_error_rate` makes the task an infrastructure error (exit 3): its
    numbers are not trustworthy and rerunning is the fix.
-2. A side whose truncation rate exceeds `max_truncation_rate` cannot pass: truncation, not the model, may be
-   what is measured, and the message says to raise max_tokens.
-3. Otherwise the non-inferiority verdict decides; "inconclusive" becomes `on_inconclusive` (default fail).
-The run's exit code is the worst task's: 3 (infrastructure) over 1 (regression) over 0 (pass). Exit code 2 is
-a config error, raised before any of this.
+2. FAIL when the accuracy test fails (the candidate is worse by more than `margin`, at confidence 1 - alpha),
+   when the truncation test fails (the candidate truncates more than the baseline by more than
+   `truncation_margin`, at the same confidence), or when a side is over the optional hard cap
+   `max_truncation_rate`.
+3. INCONCLUSIVE - uninformative when both sides sit at the floor or the ceiling (both 0% or both 100% over
+   every paired sample): the task cannot show a regression. It counts as `on_uninformative` (default: what
+   `on_inconclusive` says).
+4. INCONCLUSIVE when either test cannot decide; it counts as `on_inconclusive` (default fail).
+5. Otherwise PASS.
+Every decision records how an inconclusive task was counted ("result" and "counted_as" in its dict), so no line
+reads PASS for a task that was not shown to pass. The run's exit code is the worst task's: 3 (infrastructure)
+over 1 (regression) over 0 (pass). Exit code 2 is a config or input error, raised before any of this.
+
+The truncation rule is a one-sided non-inferiority test on the paired per-question truncation rates (the same
+t machinery as accuracy, evalpipe.stats), not a cut on a noisy observed rate: with a true 4% on both sides a
+hard 5% limit blocks a large share of identical candidates (evalpipe.operating shows by how much).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evalpipe.comparison import TaskComparison
 from evalpipe.divergence import DivergenceSummary, divergence_verdict
-from evalpipe.stats import VerdictName
+from evalpipe.stats import Verdict, VerdictName, noninferiority_of
 
 EXIT_PASS = 0
 EXIT_REGRESSION = 1
@@ -28,6 +40,14 @@ EXIT_CONFIG_ERROR = 2
 EXIT_INFRASTRUCTURE = 3
 
 GateStatus = Literal["pass", "fail", "error"]
+# What a task's line says: PASS, FAIL, ERROR or INCONCLUSIVE (plain or uninformative), with how it was counted.
+GateResultName = Literal["pass", "fail", "error", "inconclusive", "uninformative"]
+# truncation_margin: a fraction, "margin" (the task's accuracy margin) or "off" (YAML's bare `off` reads as false).
+TruncationMargin = Annotated[float, Field(ge=0.0, le=1.0)] | Literal["margin", "off"]
+
+
+def _off(value: object) -> object:
+    return "off" if value is False else value
 DIVERGENCE = "divergence"  # the task name of the teacher-forced divergence probe
 _EXIT_BY_STATUS: dict[GateStatus, int] = {"pass": EXIT_PASS, "fail": EXIT_REGRESSION, "error": EXIT_INFRASTRUCTURE}
 
@@ -39,15 +59,21 @@ class GateOverride(BaseModel):
     margin: float | None = Field(default=None, ge=0.0, le=1.0)
     alpha: float | None = Field(default=None, gt=0.0, lt=1.0)
     on_inconclusive: Literal["fail", "pass"] | None = None
+    on_uninformative: Literal["fail", "pass"] | None = None
+    truncation_margin: TruncationMargin | None = None
     max_truncation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_error_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_kld: float | None = Field(default=None, ge=0.0)
     min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
 
+    _truncation_off = field_validator("truncation_margin", mode="before")(_off)
 
-RULE_FIELDS = ("margin", "alpha", "on_inconclusive", "max_truncation_rate", "max_error_rate", "max_kld",
-               "min_top1_agreement")
+
+RULE_FIELDS = ("margin", "alpha", "on_inconclusive", "on_uninformative", "truncation_margin", "max_truncation_rate",
+               "max_error_rate", "max_kld", "min_top1_agreement")
 DIVERGENCE_FIELDS = ("max_kld", "min_top1_agreement")
+# Settings `evalpipe gate` / `compare` may replace from the command line (recorded as overrides).
+COMMAND_LINE_FIELDS = ("margin", "alpha", "on_inconclusive")
 
 
 @dataclass(frozen=True)
@@ -55,26 +81,48 @@ class TaskGate:
     margin: float
     alpha: float
     on_inconclusive: Literal["fail", "pass"]
-    max_truncation_rate: float
+    max_truncation_rate: float | None  # optional hard cap on each side's observed rate (None: none)
     max_error_rate: float
     max_kld: float | None = None  # the divergence task's limits (None: not gated on that statistic)
     min_top1_agreement: float | None = None
+    on_uninformative: Literal["fail", "pass"] | None = None  # None: as on_inconclusive
+    truncation_margin: float | None = None  # resolved: None means the truncation test is off
+
+    @property
+    def uninformative_counts_as(self) -> Literal["fail", "pass"]:
+        return self.on_uninformative or self.on_inconclusive
 
 
 class GateConfig(BaseModel):
-    """Config `gate:`. margin is an absolute accuracy drop as a fraction (0.05 = 5 points)."""
+    """Config `gate:`. margin is an absolute accuracy drop as a fraction (0.05 = 5 points).
+
+    truncation_margin: how many points more truncation than the baseline the candidate may have ("margin":
+    the task's accuracy margin; "off": reported, not gated), judged by a one-sided test at alpha.
+    max_truncation_rate: an optional hard cap on each side's observed truncation rate (off by default: an
+    observed rate is noisy). identical_pass_rate: the design target for P(exit 0 | candidate identical to the
+    baseline); `evalpipe plan` splits it over the tasks and checks it by simulation (it decides nothing).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     margin: float = Field(default=0.05, ge=0.0, le=1.0)
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     on_inconclusive: Literal["fail", "pass"] = "fail"
-    max_truncation_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    on_uninformative: Literal["fail", "pass"] | None = Field(
+        default=None, description="how a task with both sides at 0% (or 100%) counts; default: as on_inconclusive")
+    truncation_margin: TruncationMargin = "margin"
+    max_truncation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_error_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    identical_pass_rate: float = Field(default=0.95, gt=0.0, lt=1.0,
+                                       description="design target: P(exit 0) for a candidate identical to the "
+                                                   "baseline, checked by `evalpipe plan`")
     max_kld: float | None = Field(default=None, ge=0.0, description="divergence: mean KL divergence limit (nats)")
     min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0,
                                              description="divergence: lowest share of positions with the same top-1")
     tasks: dict[str, GateOverride] = Field(default_factory=dict)
+
+    _truncation_off = field_validator("truncation_margin", mode="before")(lambda value: "off" if value in (False, None)
+                                                                          else value)
 
     def for_task(self, task: str) -> TaskGate:
         override = self.tasks.get(task, GateOverride())
@@ -82,6 +130,9 @@ class GateConfig(BaseModel):
             name: getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
             for name in RULE_FIELDS
         }
+        truncation = chosen["truncation_margin"]
+        chosen["truncation_margin"] = (chosen["margin"] if truncation == "margin" else
+                                       None if truncation == "off" else float(truncation))
         return TaskGate(**chosen)
 
     def divergence_keys(self) -> list[str]:
@@ -93,13 +144,42 @@ class GateConfig(BaseModel):
 @dataclass(frozen=True)
 class TaskDecision:
     task: str
-    status: GateStatus
+    status: GateStatus  # how the task counts toward the exit code
     verdict: VerdictName  # the statistical verdict before the gate's rules
     summary: str  # the numbers in one line
     reasons: tuple[str, ...]  # why the status is not a plain pass, one line each
+    result: GateResultName | None = None  # what the line says; None: derived from status and verdict
+    uninformative: str | None = None  # e.g. "both at 0%" when the task cannot show a regression
+    truncation: dict | None = None  # the truncation test, when one ran
+
+    @property
+    def shown(self) -> GateResultName:
+        """PASS / FAIL / ERROR / INCONCLUSIVE as the line shows it."""
+        if self.result is not None:
+            return self.result
+        if self.status != "error" and self.verdict == "inconclusive":
+            return "inconclusive"
+        return self.status
+
+    @property
+    def counted_as(self) -> GateStatus | None:
+        """How an inconclusive task counted toward the exit code (None for a decided one)."""
+        return self.status if self.shown in ("inconclusive", "uninformative") else None
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "verdict": self.verdict, "summary": self.summary, "reasons": list(self.reasons)}
+        return {"status": self.status, "result": self.shown, "counted_as": self.counted_as, "verdict": self.verdict,
+                "headline": headline(self.shown, self.counted_as, self.uninformative),
+                "uninformative": self.uninformative, "truncation": self.truncation, "summary": self.summary,
+                "reasons": list(self.reasons)}
+
+
+def headline(result: str, counted_as: str | None, uninformative: str | None = None) -> str:
+    """What a task's line starts with: PASS, FAIL, ERROR, or INCONCLUSIVE with how it was counted."""
+    if result == "uninformative":
+        return f"INCONCLUSIVE - uninformative ({uninformative or 'both at the floor or ceiling'}), counted as {counted_as}"
+    if result == "inconclusive":
+        return f"INCONCLUSIVE (counted as {counted_as})"
+    return result.upper()
 
 
 @dataclass(frozen=True)
@@ -142,33 +222,90 @@ def describe(comparison: TaskComparison) -> str:
     )
 
 
+def gate_outcome(accuracy, truncation, uninformative, errored, capped, on_inconclusive: str,
+                 on_uninformative: str) -> tuple[np.ndarray, np.ndarray]:
+    """The gate's rule on verdict names, elementwise (scalars or arrays of simulated runs alike): (result, status).
+
+    accuracy: the accuracy test's verdict; truncation: the truncation test's verdict, or "off"; uninformative,
+    errored, capped (a side over max_truncation_rate): booleans. The one rule behind decide_task and the
+    operating-characteristics simulator.
+    """
+    accuracy, truncation = np.asarray(accuracy), np.asarray(truncation)
+    errored, capped, uninformative = np.asarray(errored, bool), np.asarray(capped, bool), np.asarray(uninformative, bool)
+    failed = (accuracy == "fail") | (truncation == "fail") | capped
+    unsure = (accuracy == "inconclusive") | (truncation == "inconclusive")
+    result = np.select([errored, failed, uninformative, unsure], ["error", "fail", "uninformative", "inconclusive"],
+                       "pass")
+    status = np.select([result == "error", result == "fail", result == "uninformative", result == "inconclusive"],
+                       ["error", "fail", on_uninformative, on_inconclusive], "pass")
+    return result, status
+
+
+def truncation_test(comparison: TaskComparison, rule: TaskGate) -> Verdict | None:
+    """The one-sided test that the candidate truncates at most truncation_margin more than the baseline, on the
+    paired per-question completion rates (None when the test is off or nothing pairs)."""
+    if rule.truncation_margin is None or comparison.truncation is None:
+        return None
+    return noninferiority_of(comparison.truncation, rule.truncation_margin, rule.alpha)
+
+
+def uninformative_reason(comparison: TaskComparison) -> str | None:
+    """'both at 0%' / 'both at 100%' when every paired sample of both sides is wrong / right."""
+    cand, base = comparison.candidate.accuracy, comparison.baseline.accuracy
+    if comparison.test.n_questions == 0 or cand is None or base is None or cand != base or cand not in (0.0, 1.0):
+        return None
+    return f"both at {100 * cand:.0f}%"
+
+
+def _truncation_numbers(comparison: TaskComparison, test: Verdict | None, rule: TaskGate) -> dict | None:
+    if test is None:
+        return None
+    return {"candidate": comparison.candidate.truncation_rate, "baseline": comparison.baseline.truncation_rate,
+            "increase": -test.delta, "upper": -test.lower, "lower": -test.upper, "margin": rule.truncation_margin,
+            "alpha": rule.alpha, "verdict": test.verdict}
+
+
 def decide_task(comparison: TaskComparison, rule: TaskGate) -> TaskDecision:
     reasons: list[str] = []
     sides = {"candidate": comparison.candidate, "baseline": comparison.baseline}
     errored = [f"{name} error rate {100 * side.error_rate:.1f}% exceeds max_error_rate "
                f"{100 * rule.max_error_rate:.1f}%: the endpoint failed requests; fix it and rerun"
                for name, side in sides.items() if side.error_rate > rule.max_error_rate]
-    truncated = [f"{name} truncated {100 * side.truncation_rate:.1f}% of samples, above max_truncation_rate "
-                 f"{100 * rule.max_truncation_rate:.1f}%: it cannot pass; raise max_tokens"
-                 for name, side in sides.items() if side.truncation_rate > rule.max_truncation_rate]
+    capped = [f"{name} truncated {100 * side.truncation_rate:.1f}% of samples, above max_truncation_rate "
+              f"{100 * rule.max_truncation_rate:.1f}%: it cannot pass; raise max_tokens"
+              for name, side in sides.items()
+              if rule.max_truncation_rate is not None and side.truncation_rate > rule.max_truncation_rate]
     verdict = comparison.verdict
-    if errored:
-        status: GateStatus = "error"
-        reasons += errored
-    elif verdict == "fail":
-        status = "fail"
+    truncation = truncation_test(comparison, rule)
+    empty = uninformative_reason(comparison)
+    result, status = (str(x) for x in gate_outcome(
+        verdict, truncation.verdict if truncation else "off", empty is not None, bool(errored), bool(capped),
+        rule.on_inconclusive, rule.uninformative_counts_as))
+    reasons += errored
+    if verdict == "fail":
         reasons.append(f"regression: the upper bound {points(comparison.test.upper)} is below the margin "
                        f"{points(-rule.margin)}")
-    elif verdict == "inconclusive":
-        status = rule.on_inconclusive
-        reasons.append(f"inconclusive (counted as {rule.on_inconclusive}): add samples or widen the margin; "
-                       "`evalpipe plan` shows what is needed")
-    else:
-        status = "pass"
-    if truncated and status == "pass":
-        status = "fail"
-    reasons += truncated
-    return TaskDecision(comparison.task, status, verdict, describe(comparison), tuple(reasons))
+    if truncation is not None and truncation.verdict != "pass":
+        numbers = (f"candidate {100 * comparison.candidate.truncation_rate:.1f}% vs baseline "
+                   f"{100 * comparison.baseline.truncation_rate:.1f}% truncated, increase {points(-truncation.delta)} "
+                   f"(one-sided bounds {points(-truncation.upper)} to {points(-truncation.lower)}) vs "
+                   f"truncation_margin {points(rule.truncation_margin)}")
+        if truncation.verdict == "fail":
+            reasons.append(f"truncation: {numbers}: the candidate runs out of tokens more often; raise max_tokens "
+                           "or find why its answers got longer")
+        else:
+            reasons.append(f"truncation inconclusive: {numbers}")
+    reasons += capped
+    if result == "uninformative":
+        reasons.insert(len(errored), f"uninformative ({empty}): the task cannot show a regression here (counted as "
+                                     f"{status}, on_uninformative); choose a task where the models score")
+    elif result == "inconclusive" and verdict == "inconclusive":
+        reasons.insert(len(errored), f"inconclusive (counted as {status}): the bounds straddle the margin; add "
+                                     "samples or widen the margin; `evalpipe plan` shows what is needed")
+    elif result == "inconclusive":
+        reasons.append(f"counted as {status} (on_inconclusive)")
+    return TaskDecision(comparison.task, status, verdict, describe(comparison), tuple(reasons), result,  # type: ignore[arg-type]
+                        empty, _truncation_numbers(comparison, truncation, rule))
 
 
 def decide_divergence(summary: DivergenceSummary | None, failed: int, attempted: int, rule: TaskGate,

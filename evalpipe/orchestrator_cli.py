@@ -28,7 +28,15 @@ from evalpipe.errors import UserError
 from evalpipe.launch import SERVER_LOGS, launched_sides, server_command, terminate_on_sigterm
 from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.plan import TaskPlan
-from evalpipe.planning import detectable_table, planning_baseline
+from evalpipe.planning import (
+    budget,
+    budget_line,
+    config_operating_characteristics,
+    detectable_table,
+    oc_lines,
+    oc_table,
+    planning_baseline,
+)
 from evalpipe.probe import prepare_probe, run_probe, with_null_limit
 from evalpipe.report import plan_table, results_table
 from evalpipe.runner import data_source, execute_run, new_run_dir, plan_from_config, sides_of
@@ -82,6 +90,9 @@ def run(
     stored_baseline = prepare_baseline(run_config, plans)
     probe_setup = prepare_probe(run_config)
     run_config = with_null_limit(run_config, probe_setup)
+    # The gate's error rates, stated before anything is sent; comparison.json and report.md carry them.
+    operating = config_operating_characteristics(
+        run_config, plans, planning_baseline(run_config, None, DEFAULT_REGISTRY_DIR, exclude=resume))
     show = progress and sys.stderr.isatty()
     run_dir = resume or new_run_dir(run_config)
     probe = None
@@ -104,7 +115,7 @@ def run(
         log.error("every request failed; see the error fields in the journal")
     exit_code = result.exit_code
     if run_config.baseline is not None:
-        document, gate_exit = compare_run(live_config, plans, result, stored_baseline, probe)
+        document, gate_exit = compare_run(live_config, plans, result, stored_baseline, probe, operating=operating)
         print_comparison(document)
         exit_code = max(exit_code, gate_exit)
     if run_config.leaderboard is not None:
@@ -142,11 +153,17 @@ def print_plan(config: RunConfig, plans: list[TaskPlan]) -> None:
                  f"streaming {'on' if config.client.stream else 'off'}")
     stdout.print(plan_table(plans))
     requests = sum(len(p.requests) for p in plans)
-    budget = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
-    stdout.print(f"total: {requests:,} requests, at most {budget:,} completion tokens per side")
+    ceiling = sum(len(p.requests) * p.card.sampling.max_tokens for p in plans)
+    stdout.print(f"total: {requests:,} requests, at most {ceiling:,} completion tokens per side")
     if config.baseline is not None:
         reference = planning_baseline(config, None, DEFAULT_REGISTRY_DIR)
         stdout.print(detectable_table(config, plans, reference, power=0.8))
+        stdout.print(budget_line(budget(config, plans, reference)), highlight=False, soft_wrap=True)
+        operating = config_operating_characteristics(config, plans, reference)
+        if operating is not None:
+            stdout.print(oc_table(operating, "operating characteristics of the gate (simulated; nothing sent)"))
+            for line in oc_lines(operating):
+                stdout.print(line, highlight=False, soft_wrap=True)
     probe = config.divergence
     if probe is not None:
         source = f"registry entry {probe.from_registry}" if probe.from_registry else "this run's baseline answers"

@@ -136,7 +136,7 @@ def adaptive_stages(config: RunConfig, plans: Sequence[TaskPlan], stored: Stored
 
 def compare_run(
     config: RunConfig, plans: Sequence[TaskPlan], result: RunResult, stored: StoredSide | None,
-    probe: ProbeResult | None = None,
+    probe: ProbeResult | None = None, operating: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Write comparison.json and the comparison section of report.md; return the document and the exit code
     (the gate's when one is configured, else 0). The divergence probe's result, if any, is part of both."""
@@ -170,6 +170,8 @@ def compare_run(
         gated = apply_gate(comparisons, config.gate, probe_outcome)
         document["gate"] = gated.to_dict()
         exit_code = gated.exit_code
+    if operating is not None:  # the gate's error rates as stated before the run (evalpipe.operating)
+        document["operating_characteristics"] = operating
     write_json(run_dir / "comparison.json", document)
     report = run_dir / "report.md"
     report.write_text(report.read_text(encoding="utf-8") + "\n" + comparison_markdown(document), encoding="utf-8")

@@ -137,21 +137,35 @@ def paired_difference_of_means(
     base_acc = float(base_means[paired].mean())
     if n < 2:
         return PairedDiff(delta, math.inf, (-math.inf, math.inf), n, 0, cand_acc, base_acc, floored=False)
-    sum_sq = float(np.sum((diffs - delta) ** 2))
     floor = _floor_sum_of_squares(float(cand_counts[paired].mean()), float(base_counts[paired].mean()))
-    floored = sum_sq < floor
-    stderr = math.sqrt(max(sum_sq, floor) / (n - 1) / n)
+    row_delta, row_stderr, row_floored = _row_stderr(diffs[None, :], floor)
+    delta, stderr, floored = float(row_delta[0]), float(row_stderr[0]), bool(row_floored[0])
     half = _t_quantile(0.975, n - 1) * stderr
     return PairedDiff(delta, stderr, (delta - half, delta + half), n, n - 1, cand_acc, base_acc, floored)
 
 
+def _row_stderr(diffs: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of (rows, n) paired differences (n >= 2, no NaN): mean, floored standard error, floor active.
+
+    The one computation behind paired_difference_of_means (one row) and noninferiority_rows (one row per
+    simulated run), so the operating-characteristics simulator runs the shipped arithmetic.
+    """
+    n = diffs.shape[1]
+    delta = diffs.mean(axis=1)
+    sum_sq = np.sum((diffs - delta[:, None]) ** 2, axis=1)
+    floored = sum_sq < floor
+    stderr = np.sqrt(np.maximum(sum_sq, floor) / (n - 1) / n)
+    return delta, stderr, floored
+
+
 def decide(lower: float, upper: float, margin: float) -> VerdictName:
     """The three-way non-inferiority rule on one-sided bounds."""
-    if lower > -margin:
-        return "pass"
-    if upper < -margin:
-        return "fail"
-    return "inconclusive"
+    return str(decide_rows(np.asarray(lower), np.asarray(upper), margin))  # type: ignore[return-value]
+
+
+def decide_rows(lower: np.ndarray, upper: np.ndarray, margin: float) -> np.ndarray:
+    """decide() elementwise: an array of verdict names."""
+    return np.where(lower > -margin, "pass", np.where(upper < -margin, "fail", "inconclusive"))
 
 
 def _check_level(name: str, value: float) -> None:
@@ -171,12 +185,47 @@ def noninferiority_of(diff: PairedDiff, margin: float, alpha: float = 0.05) -> V
     _check_level("alpha", alpha)
     if diff.df == 0:
         return Verdict(diff.delta, diff.stderr, -math.inf, math.inf, 1.0, "inconclusive", margin, alpha, 1)
-    half = _t_quantile(1.0 - alpha, diff.df) * diff.stderr
-    lower, upper = diff.delta - half, diff.delta + half
+    lower, upper = _one_sided_bounds(diff.delta, diff.stderr, diff.df, alpha)
     p_value = float(special.stdtr(diff.df, -(diff.delta + margin) / diff.stderr))
     return Verdict(
         diff.delta, diff.stderr, lower, upper, p_value, decide(lower, upper, margin), margin, alpha, diff.n_questions
     )
+
+
+def _one_sided_bounds(delta, stderr, df: int, alpha: float):
+    half = _t_quantile(1.0 - alpha, df) * stderr
+    return delta - half, delta + half
+
+
+@dataclass(frozen=True)
+class RowsVerdict:
+    """noninferiority_rows' result: one entry per row (simulated run)."""
+
+    delta: np.ndarray
+    stderr: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    verdict: np.ndarray  # verdict names
+
+
+def noninferiority_rows(
+    cand_means: np.ndarray, base_means: np.ndarray, k_candidate: float, k_baseline: float, margin: float,
+    alpha: float = 0.05,
+) -> RowsVerdict:
+    """noninferiority_of(paired_difference_of_means(...)) for many runs of one design at once: (rows, n)
+    per-question means with every question paired (no NaN), n >= 2, samples per question k on each side.
+
+    Used by the operating-characteristics simulator (evalpipe.operating); tests check it against the scalar path.
+    """
+    if not margin >= 0.0:
+        raise ValueError(f"margin must be a non-negative fraction, got {margin}")
+    _check_level("alpha", alpha)
+    diffs = np.asarray(cand_means, dtype=float) - np.asarray(base_means, dtype=float)
+    if diffs.ndim != 2 or diffs.shape[1] < 2:
+        raise ValueError(f"expected (rows, n >= 2) per-question means, got shape {diffs.shape}")
+    delta, stderr, _ = _row_stderr(diffs, _floor_sum_of_squares(float(k_candidate), float(k_baseline)))
+    lower, upper = _one_sided_bounds(delta, stderr, diffs.shape[1] - 1, alpha)
+    return RowsVerdict(delta, stderr, lower, upper, decide_rows(lower, upper, margin))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ def test_per_task_overrides_replace_gate_wide_settings():
     config = GateConfig(margin=0.02, tasks={"aime24": {"margin": 0.1, "max_truncation_rate": 0.2}})
     aime, mmlu = config.for_task("aime24"), config.for_task("mmlu")
     assert (aime.margin, aime.max_truncation_rate, aime.alpha) == (0.1, 0.2, 0.05)
-    assert (mmlu.margin, mmlu.max_truncation_rate, mmlu.on_inconclusive) == (0.02, 0.05, "fail")
+    # no hard truncation cap by default (a noisy observed rate); the truncation test's margin follows margin
+    assert (mmlu.margin, mmlu.max_truncation_rate, mmlu.on_inconclusive) == (0.02, None, "fail")
+    assert (mmlu.truncation_margin, aime.truncation_margin) == (0.02, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -130,3 +132,28 @@ def test_junit_has_one_testcase_per_task_with_numbers_in_failures():
     assert "regression" in failure.get("message")
     assert cases["gpqa"].find("error") is not None
     assert cases["mmlu"].find("failure") is None and "pass" in cases["mmlu"].find("system-out").text
+
+
+def test_an_inconclusive_task_never_reads_pass_and_says_how_it_counted():
+    from evalpipe.compare_report import gate_lines
+
+    lenient = GateConfig(margin=0.001, on_inconclusive="pass")
+    decision = _decide(lenient, drop=0.0)
+    assert decision.status == "pass" and decision.shown == "inconclusive" and decision.counted_as == "pass"
+    document = {"gate": apply_gate({"math500": compare_task("math500", *_sides(0.0), 0.001)}, lenient).to_dict()}
+    line = gate_lines(document)[0]
+    assert line.startswith("math500: INCONCLUSIVE (counted as pass) - ") and "PASS" not in line
+    root = ET.fromstring(junit_xml(apply_gate({"math500": compare_task("math500", *_sides(0.0), 0.001)}, lenient)))
+    assert root.find("testsuite").get("skipped") == "1"  # undecided, not green
+    assert root.find("testsuite/testcase/skipped").get("message") == "INCONCLUSIVE (counted as pass)"
+
+
+def test_truncation_is_judged_by_a_test_on_the_increase_not_a_cut():
+    tested = GateConfig(margin=0.5, truncation_margin=0.05)
+    decision = _decide(tested, drop=0.0, truncate_cand=0.2)
+    assert decision.verdict == "pass" and decision.status == "fail" and decision.shown == "fail"
+    assert any(reason.startswith("truncation:") and "raise max_tokens" in reason for reason in decision.reasons)
+    assert decision.truncation["verdict"] == "fail" and decision.truncation["lower"] > 0.05
+    assert _decide(GateConfig(margin=0.5, truncation_margin="off"), drop=0.0, truncate_cand=0.2).status == "pass"
+    # the same small truncation on both sides passes (no hard cut on a noisy rate)
+    assert _decide(GateConfig(margin=0.5, truncation_margin=0.05), drop=0.0).status == "pass"

@@ -226,6 +226,42 @@ def test_an_adaptive_run_cut_after_its_first_stage_resumes_to_the_uninterrupted_
     assert json.loads((run_dir / "comparison.json").read_text())["tasks"] == expected["tasks"]
 
 
+def test_gate_refuses_tasks_the_baseline_lacks_and_records_command_line_overrides(tmp_path):
+    fp8 = _config(tmp_path, tasks=TASKS[:1], name="fp8.yaml")  # the stored baseline has aime24 only
+    with _servers(fp8, {"accuracy": 0.75}):
+        result, fp8_run = _run(fp8)
+    registry = tmp_path / "baselines"
+    assert run_cli("baseline", "save", str(fp8_run), "--name", "aime-only", "--registry-dir",
+                   str(registry)).exit_code == 0
+    config = _config(tmp_path, gate={"margin": 0.3})  # aime24 and gpqa_diamond, no baseline of its own
+    config_data = yaml.safe_load(config.read_text())
+    config_data.pop("gate")
+    config.write_text(yaml.safe_dump(config_data))
+    with _servers(config, {"accuracy": 0.75}):
+        result, run_dir = _run(config)
+    assert result.exit_code == 0, result.output
+    against = ("--baseline", "aime-only", "--registry-dir", str(registry))
+    refused = run_cli("gate", str(run_dir), *against)
+    assert refused.exit_code == 2 and "gpqa_diamond" in refused.output and "--allow-missing-tasks" in refused.output
+    document_path, junit, report = tmp_path / "gate.json", tmp_path / "gate.xml", tmp_path / "gate.md"
+    allowed = run_cli("gate", str(run_dir), *against, "--allow-missing-tasks", "--margin", "0.2",
+                      "--json", str(document_path), "--junit", str(junit), "--report", str(report))
+    assert allowed.exit_code == 0, allowed.output
+    assert "gpqa_diamond: NOT COMPARED" in allowed.output and "override from the command line: margin" in allowed.output
+    document = json.loads(document_path.read_text())
+    assert set(document["tasks"]) == {"aime24"} and "gpqa_diamond" in document["missing_tasks"]
+    assert document["overrides"] == [{"setting": "margin", "command_line": 0.2, "recorded": 0.05,
+                                      "recorded_from": "defaults (the run has no gate section)", "tasks": ["aime24"]}]
+    assert document["operating_characteristics"]["tasks"]["aime24"]["margin"] == 0.2  # simulated as applied
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.find("properties/property").get("name") == "override.margin"
+    assert suite.get("skipped") == "1"  # gpqa_diamond, not compared
+    assert "override from the command line" in report.read_text()
+    same = run_cli("gate", str(run_dir), *against, "--allow-missing-tasks", "--margin", "0.05", "--json",
+                   str(document_path))
+    assert same.exit_code in (0, 1) and "overrides" not in json.loads(document_path.read_text())
+
+
 def test_plan_uses_the_stored_baseline_variance_and_leaderboard_lists_runs(tmp_path):
     registry = _fp8_baseline(tmp_path)
     config = _config(tmp_path, baseline={"registry": "r1-fp8", "registry_dir": str(registry)},
@@ -234,6 +270,18 @@ def test_plan_uses_the_stored_baseline_variance_and_leaderboard_lists_runs(tmp_p
     assert planned.exit_code == 0, planned.output
     assert "registry:r1-fp8" in planned.output and "within" in planned.output
     assert "aime24" in planned.output and "gpqa_diamond" in planned.output
+    assert "P(exit 0 | candidate identical to the baseline)" in planned.output
+    assert "beta-binomial" in planned.output  # the simulated rates come from the stored per-question outcomes
+    as_json = run_cli("plan", str(config), "--json", "--sims", "50")
+    assert as_json.exit_code == 0, as_json.output
+    document = json.loads(as_json.stdout)  # one JSON object and nothing else
+    oc = document["operating_characteristics"]
+    assert 0.0 <= oc["p_exit0_identical"] <= 1.0
+    for figures in oc["tasks"].values():
+        assert set(figures["p_pass_at_margin"]) == {"proportional", "logit", "broken_subset"}
+        assert set(figures["p_fail_at_margin_plus"]) >= {"points", "p"}
+    assert document["budget"]["per_side"]["requests"] == 30 * 4 + 40 * 2
+    assert document["budget"]["sides"] == "candidate only (stored baseline)"
     worst = run_cli("plan", str(_config(tmp_path, name="alone.yaml", output_dir=str(tmp_path / "none"))))
     assert worst.exit_code == 0 and "worst case" in worst.output
 
@@ -269,3 +317,12 @@ def test_run_adds_itself_to_a_leaderboard_folder_that_holds_no_runs(tmp_path):
     rows = [line for line in (board / "leaderboard.md").read_text().splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 1 and rows[0].startswith(f"| {run_dir.name} |")
+
+
+def test_dry_run_states_the_gate_operating_characteristics_and_budget(tmp_path):
+    config = _config(tmp_path, baseline=LIVE_BASELINE, gate={"margin": 0.2})
+    result = run_cli("run", str(config), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "P(exit 0 | candidate identical to the baseline)" in result.output
+    assert "budget: 200 requests per side (candidate and baseline)" in result.output
+    assert not (tmp_path / "runs").exists()
