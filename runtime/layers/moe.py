@@ -53,6 +53,16 @@ class FusedMoE(nn.Module):
         tensor = src.read_shard(dim - 1, self.tp_index, self.tp_count, param.shard_multiple.get(dim, 1))
         copy_into(param, dst, tensor, src.name)
 
+    def unloaded_expert_scalars(self) -> list[str]:
+        """`<expert>.<w1|w3|w2>.<suffix>` of this rank's per-expert scalars the checkpoint did not provide."""
+        out = []
+        for name, param in self._parameters.items():
+            if param.per_expert_scalar:
+                shards, suffix = (("w1", "w3") if name.startswith("w13_") else ("w2",)), name.split("_", 1)[1]
+                for e, slot in param.data.view(param.shape[0], -1).isnan().nonzero().tolist():
+                    out.append(f"{self.expert_offset + e}.{shards[slot]}.{suffix}")
+        return out
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, routed_scaling_factor: float = 1.0) -> torch.Tensor:
         if self.observer is not None:
             self.observer(self, x, topk_ids)
