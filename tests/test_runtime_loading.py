@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from evalpipe.cli import app
@@ -221,3 +222,20 @@ def test_an_expert_without_input_scale_is_refused_by_name(w4, tmp_path):
     with pytest.raises(CheckpointError, match=r"routed experts without their activation scale: "
                                               r"model\.layers\.2\.mlp\.experts\.5\.w3\.input_scale \(SGLang would use 1\.0"):
         load_model(copy)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    """`model synth-deepseek --tokenizer-from` names both sizes; a checkpoint that has such a tokenizer anyway
+    is refused by the calibration of `quantize` (once a bare IndexError) before anything is written."""
+    runner = CliRunner()
+    tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    result = runner.invoke(app, ["model", "synth-deepseek", str(tmp_path / "s"), "--preset", "tiny", "--tokenizer-from", str(tiny_model_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"the tokenizer has {tokens} tokens but vocab_size is 512; pass --vocab-size {tokens}" in result.output
+    assert not (tmp_path / "s").exists()
+
+    mismatched = write_synthetic_deepseek_fp8(tmp_path / "fp8", max_shard_bytes=1 << 20, tokenizer_from=tiny_model_dir)
+    result = runner.invoke(app, ["quantize", str(mismatched), str(tmp_path / "w4"), "--scheme", "w4afp8", "--calib-samples", "1"])
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"the tokenizer has {tokens} tokens \(it produced id \d+\) but config.json vocab_size is 512", result.output)
+    assert "Traceback" not in result.output and not (tmp_path / "w4").exists() and not (tmp_path / "w4.partial").exists()
