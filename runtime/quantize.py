@@ -85,7 +85,7 @@ class _Job:
     hf_config: dict
     reader: CheckpointReader
     linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
-    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged, as TRT-LLM's script does
+    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged (stay FP8)
     expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
     device: torch.device  # where calibration and the per-tensor quantization run
 
