@@ -169,8 +169,8 @@ def check_absent(reader: CheckpointReader, checkpoint_name: Callable[[str], str 
     if reader.absent:
         missing_files = sorted({f.name for f in reader.absent.values() if not f.is_file()})
         log.warning(
-            "%s: skipped %d index entries with no data, all of layers the runtime does not serve (multi-token "
-            "prediction, layers >= num_hidden_layers)%s",
+            "%s: skipped %d index entries with no data, all of tensors the runtime does not serve (multi-token "
+            "prediction layers, layers >= num_hidden_layers)%s",
             reader.model_dir, len(reader.absent),
             f"; missing files: {', '.join(missing_files)}" if missing_files else "",
         )

@@ -57,7 +57,7 @@ class FusedMoE(nn.Module):
         """`<expert>.<w1|w3|w2>.<suffix>` of this rank's per-expert scalars the checkpoint did not provide."""
         out = []
         for name, param in self._parameters.items():
-            if param.per_expert_scalar:
+            if getattr(param, "per_expert_scalar", False):
                 shards, suffix = (("w1", "w3") if name.startswith("w13_") else ("w2",)), name.split("_", 1)[1]
                 for e, slot in param.data.view(param.shape[0], -1).isnan().nonzero().tolist():
                     out.append(f"{self.expert_offset + e}.{shards[slot]}.{suffix}")
