@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.config import config_from_dict, read_hf_config
+from runtime.errors import CheckpointError
 from runtime.layers.moe import FusedMoE
 from runtime.models import load_model
 from runtime.quant.base import routed_tokens
@@ -86,6 +88,11 @@ def calibration_token_ids(model_dir: Path, samples: int, max_len: int, vocab_siz
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tok(text)["input_ids"]
+        if max(ids, default=0) >= vocab_size:  # the embedding lookup would fail with a bare IndexError
+            raise CheckpointError(
+                f"{model_dir}: the tokenizer has {len(tok)} tokens (it produced id {max(ids)}) but config.json "
+                f"vocab_size is {vocab_size}: the tokenizer files do not belong to this model"
+            )
         yield list(ids)[:max_len]
 
 
@@ -130,10 +137,12 @@ class ExpertAmax:
 def calibrate_expert_input_scales(model_dir: str | Path, samples: int, max_len: int = 512, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Run the checkpoint on calibration text and return {FusedMoE module path: fp32 [E, 2] input scales}."""
     model_dir = Path(model_dir)
-    model, config = load_model(model_dir, dtype="bfloat16", device=device)
+    config = config_from_dict(read_hf_config(model_dir), str(model_dir / "config.json"))
+    token_ids = list(calibration_token_ids(model_dir, samples, max_len, config.vocab_size))  # checked before loading
+    model, _ = load_model(model_dir, dtype="bfloat16", device=device)
     observer = ExpertAmax()
     observer.attach(model)
     # One forward over all samples: each layer's experts are dequantized once for the observer.
-    prefill_batch(model, list(calibration_token_ids(model_dir, samples, max_len, config.vocab_size)), device=device)
+    prefill_batch(model, token_ids, device=device)
     del model
     return observer.scales()

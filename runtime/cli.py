@@ -71,12 +71,24 @@ def build_command(
         typer.echo(f"{variant}\t{path}")
 
 
+def _tokenizer_size(tokenizer_dir: Path) -> int:
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(f"--tokenizer-from {tokenizer_dir} is not a directory")
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--tokenizer-from {tokenizer_dir}: cannot load a tokenizer ({e})") from None
+
+
 def synth_command(
     out_dir: Path = typer.Argument(..., help="Where to write the checkpoint."),
     preset: Preset = typer.Option(Preset.tiny, "--preset", help="tiny (CPU tests) or r1 (DeepSeek-R1 widths)."),
     layers: int | None = typer.Option(None, "--layers", help="Decoder layers (default: the preset's)."),
     dense_layers: int | None = typer.Option(None, "--dense-layers", help="Leading dense layers (first_k_dense_replace)."),
     experts: int | None = typer.Option(None, "--experts", help="Routed experts per layer."),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", min=1, help="Vocabulary (default: the preset's; at least the --tokenizer-from tokenizer's size)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="Device that draws the random weights."),
     tokenizer_from: Path | None = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from this directory."),
@@ -87,12 +99,18 @@ def synth_command(
     from runtime.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
 
     shape = R1_SHAPE if preset is Preset.r1 else DeepseekShape()
-    overrides = {"num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "n_routed_experts": experts}
+    overrides = {"num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "n_routed_experts": experts,
+                 "vocab_size": vocab_size}
     shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} already exists and is not empty")
-    if tokenizer_from is not None and not tokenizer_from.is_dir():
-        raise CheckpointError(f"--tokenizer-from {tokenizer_from} is not a directory")
+    if tokenizer_from is not None:
+        tokens = _tokenizer_size(tokenizer_from)
+        if tokens > shape.vocab_size:  # its ids would index past the embedding (calibration, serving)
+            raise CheckpointError(
+                f"--tokenizer-from {tokenizer_from}: the tokenizer has {tokens} tokens but vocab_size is "
+                f"{shape.vocab_size}; pass --vocab-size {tokens}"
+            )
     _setup_logging()
     write_synthetic_deepseek_fp8(out_dir, shape, seed=seed, device=device, tokenizer_from=tokenizer_from)
     typer.echo(str(out_dir))

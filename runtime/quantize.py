@@ -28,7 +28,7 @@ from runtime.checkpoint_writer import ShardWriter
 from runtime.config import config_from_dict, read_hf_config
 from runtime.errors import CheckpointError
 from runtime.layers.linear import Linear
-from runtime.loader import EXPERT_NAME, INDEX_FILE, CheckpointReader, CheckpointTensor
+from runtime.loader import EXPERT_NAME, INDEX_FILE, CheckpointReader, CheckpointTensor, check_absent
 from runtime.models import MODEL_FAMILIES
 from runtime.parallel import SINGLE
 from runtime.quant import numerics as nx
@@ -49,9 +49,11 @@ _SKIP_FILES = {"config.json", INDEX_FILE, "hf_quant_config.json", ACT_SCALES_FIL
 
 def _classify_tensors(model_dir: Path, hf_config: dict, reader: CheckpointReader) -> tuple[set[str], set[str], dict[str, str]]:
     """(linear-layer weights, tensors the runtime does not serve, {checkpoint experts prefix: module path}),
-    from the model's own layer definitions, built on the meta device so nothing is allocated."""
+    from the model's own layer definitions, built on the meta device so nothing is allocated. Index entries
+    without data are refused if served, else skipped (runtime.loader.check_absent); the output's index omits them."""
     config = config_from_dict(hf_config, str(model_dir / "config.json"))
     skeleton = MODEL_FAMILIES[config.architecture](config, Bf16Config(), SINGLE, torch.bfloat16, torch.device("meta"))
+    check_absent(reader, skeleton.checkpoint_name)
     linear_modules = {name for name, m in skeleton.named_modules() if isinstance(m, Linear)}
     linears, unserved, expert_prefixes = set(), set(), {}
     for name in reader.names():
@@ -83,7 +85,7 @@ class _Job:
     hf_config: dict
     reader: CheckpointReader
     linears: set[str]  # checkpoint names of linear-layer weights (quantized to FP8 block)
-    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged, as TRT-LLM's script does
+    unserved: set[str]  # tensors the runtime does not serve (MTP layers): copied unchanged (stay FP8)
     expert_prefixes: dict[str, str]  # checkpoint "<...>.experts" prefix -> FusedMoE module path
     device: torch.device  # where calibration and the per-tensor quantization run
 

@@ -1,22 +1,28 @@
 """Loading contract: config validation, quantization detection, strict tensor matching, backend registry, CLI errors."""
 
 import json
+import logging
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from evalpipe.cli import app
+from evalpipe.testing.serve_process import CLI
 from runtime import backends
 from runtime.errors import CheckpointError
+from runtime.loader import CheckpointReader
 from runtime.models import load_model
 from runtime.parallel import ParallelContext
 from runtime.quant import numerics as nx
 from runtime.quantize import quantize_checkpoint
 from runtime.standalone import prompt_logits
-from runtime.synthetic import write_synthetic_deepseek_fp8, write_tiny_hf_model
+from runtime.synthetic import copy_tokenizer_files, write_synthetic_deepseek_fp8, write_tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +142,100 @@ def test_cli_reports_user_mistakes_in_one_line(mixtral, w4, tmp_path):
     ok = runner.invoke(app, ["quantize", str(mixtral), str(tmp_path / "fp8"), "--scheme", "fp8"])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+
+
+def trtllm_layout(src, dst, parts: int, drop=()) -> int:
+    """Rewrite the w4afp8 checkpoint `src` the way NVIDIA's quantize_mixed_precision_moe.py lays out its output:
+    layer L in model-{L // ceil(n/parts):05d}-of-{parts:05d}.safetensors (non-layer tensors in file 0), activation
+    scales in act_scales.safetensors, and every tensor of layers >= num_hidden_layers (the MTP layer) listed in
+    the index but written nowhere; with parts=1 their file is never created. `drop`: tensors left out of the files
+    but kept in the index. Returns the number of index entries without data."""
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    part = -(-n // parts)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    files: dict[str, dict] = {}
+    new_map, absent = {}, 0
+    for file in sorted(set(weight_map.values())):
+        for name, tensor in load_file(src / file).items():
+            layer = re.match(r"model\.layers\.(\d+)\.", name)
+            layer = int(layer[1]) if layer else 0
+            target = file if file == "act_scales.safetensors" else f"model-{layer // part:05d}-of-{parts:05d}.safetensors"
+            new_map[name] = target
+            if layer < n and name not in drop:
+                files.setdefault(target, {})[name] = tensor
+            else:
+                absent += 1
+    dst.mkdir()
+    for file, tensors in files.items():
+        save_file(tensors, dst / file)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}))
+    for extra in ("config.json", "hf_quant_config.json"):
+        shutil.copy(src / extra, dst / extra)
+    return absent
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_trtllm_indexes_load_like_sglang(w4, tmp_path, caplog, parts):
+    # parts=1: the MTP layer's entries name model-00001-of-00001.safetensors, never written; parts=2: they name
+    # model-00001-of-00002.safetensors, which exists but holds only layer 2.
+    absent = trtllm_layout(w4, tmp_path / "trt", parts)
+    assert absent > 20
+    missing_file = tmp_path / "trt" / f"model-00001-of-{parts:05d}.safetensors"
+    assert missing_file.exists() == (parts == 2)
+    with caplog.at_level(logging.WARNING, logger="runtime.loader"):
+        model, _ = load_model(tmp_path / "trt")
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "runtime.loader"]
+    assert f"skipped {absent} index entries" in warning
+    assert ("missing files: model-00001-of-00001.safetensors" in warning) == (parts == 1)
+    reference, _ = load_model(w4)
+    ids = list(range(5, 40))
+    assert torch.equal(prompt_logits(model, ids), prompt_logits(reference, ids))
+
+
+def test_a_missing_tensor_of_a_served_layer_is_named_with_its_file(w4, tmp_path, tiny_model_dir):
+    trtllm_layout(w4, tmp_path / "trt", 2, drop={"model.layers.2.self_attn.o_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"lists tensor model\.layers\.2\.self_attn\.o_proj\.weight in "
+                                              r"model-00001-of-00002\.safetensors, which does not hold it$"):
+        load_model(tmp_path / "trt")
+    reader = CheckpointReader(tmp_path / "trt")  # direct reads raise the same error, never a SafetensorError
+    with pytest.raises(CheckpointError, match="which does not hold it"):
+        reader.get("model.layers.2.self_attn.o_proj.weight")
+
+    no_scales = trtllm_layout(w4, tmp_path / "no-act", 2)
+    assert no_scales
+    (tmp_path / "no-act" / "act_scales.safetensors").unlink()  # the index still names it
+    copy_tokenizer_files(tiny_model_dir, tmp_path / "no-act")  # serve loads the tokenizer first
+    proc = subprocess.run([*CLI, "--model", str(tmp_path / "no-act")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.search(r"lists tensor model\.layers\.1\.mlp\.experts\.0\.w1\.input_scale in act_scales\.safetensors, "
+                     r"which does not exist \(and \d+ more tensors the model needs\)", proc.stderr), proc.stderr
+
+
+def test_an_expert_without_input_scale_is_refused_by_name(w4, tmp_path):
+    """SGLang would leave its scale at 1.0, which then becomes the whole layer's static FP8 scale."""
+    gone = "model.layers.2.mlp.experts.5.w3.input_scale"
+    copy = edited_copy(w4, tmp_path / "m", edit_tensors=lambda t: t.pop(gone, None))
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    del index["weight_map"][gone]
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"routed experts without their activation scale: "
+                                              r"model\.layers\.2\.mlp\.experts\.5\.w3\.input_scale \(SGLang would use 1\.0"):
+        load_model(copy)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    """`model synth-deepseek --tokenizer-from` names both sizes; a checkpoint that has such a tokenizer anyway
+    is refused by the calibration of `quantize` (once a bare IndexError) before anything is written."""
+    runner = CliRunner()
+    tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    result = runner.invoke(app, ["model", "synth-deepseek", str(tmp_path / "s"), "--preset", "tiny", "--tokenizer-from", str(tiny_model_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"the tokenizer has {tokens} tokens but vocab_size is 512; pass --vocab-size {tokens}" in result.output
+    assert not (tmp_path / "s").exists()
+
+    mismatched = write_synthetic_deepseek_fp8(tmp_path / "fp8", max_shard_bytes=1 << 20, tokenizer_from=tiny_model_dir)
+    result = runner.invoke(app, ["quantize", str(mismatched), str(tmp_path / "w4"), "--scheme", "w4afp8", "--calib-samples", "1"])
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"the tokenizer has {tokens} tokens \(it produced id \d+\) but config.json vocab_size is 512", result.output)
+    assert "Traceback" not in result.output and not (tmp_path / "w4").exists() and not (tmp_path / "w4.partial").exists()

@@ -53,23 +53,54 @@ class FusedMoE(nn.Module):
         tensor = src.read_shard(dim - 1, self.tp_index, self.tp_count, param.shard_multiple.get(dim, 1))
         copy_into(param, dst, tensor, src.name)
 
+    def unloaded_expert_scalars(self) -> list[str]:
+        """`<expert>.<w1|w3|w2>.<suffix>` of this rank's per-expert scalars the checkpoint did not provide."""
+        out = []
+        for name, param in self._parameters.items():
+            if getattr(param, "per_expert_scalar", False):
+                shards, suffix = (("w1", "w3") if name.startswith("w13_") else ("w2",)), name.split("_", 1)[1]
+                for e, slot in param.data.view(param.shape[0], -1).isnan().nonzero().tolist():
+                    out.append(f"{self.expert_offset + e}.{shards[slot]}.{suffix}")
+        return out
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, routed_scaling_factor: float = 1.0) -> torch.Tensor:
         if self.observer is not None:
             self.observer(self, x, topk_ids)
         return self.quant_method.apply(self, x, topk_ids, topk_weights, routed_scaling_factor)
 
 
-class Router(nn.Module):
-    """fp32 router logits x W^T (weight [E, H], replicated), plus DeepSeek's e_score_correction_bias."""
+# SGLang's DeepSeek gate (MoEGate in models/deepseek_v2.py) switches to dsv3_router_gemm, bf16 inputs with an
+# fp32 output, for at most this many tokens at these (experts, hidden) shapes on Hopper; otherwise F.linear in the
+# model dtype (bf16 logits). Deterministic inference skips that kernel.
+DSV3_ROUTER_GEMM_MAX_TOKENS = 16
+DSV3_ROUTER_GEMM_SHAPES = {(256, 7168), (384, 7168)}
 
-    def __init__(self, num_experts: int, hidden: int, device: torch.device, correction_bias: bool = False):
+
+class Router(nn.Module):
+    """Router logits x W^T (weight [E, H], replicated), plus DeepSeek's e_score_correction_bias, in the precision
+    SGLang's routers produce them, so that near-ties route the same way: the weight rounded to the model dtype,
+    fp32 accumulation, logits rounded to the model dtype, except with `dsv3_router_gemm` for batches of at most
+    16 tokens at DeepSeek-V3/R1 shapes (fp32 logits). That is SGLang on Hopper, the only GPUs it runs W4AFP8
+    on; the rule is applied on every device. The routing that follows upcasts to fp32, as SGLang's does.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                 correction_bias: bool = False, dsv3_router_gemm: bool = False):
         super().__init__()
+        self.dtype = dtype
         new_param(self, "weight", (num_experts, hidden), torch.float32, device)
         if correction_bias:
             new_param(self, "e_score_correction_bias", (num_experts,), torch.float32, device)
+        use_fp32 = dsv3_router_gemm and (num_experts, hidden) in DSV3_ROUTER_GEMM_SHAPES
+        self.fp32_max_tokens = DSV3_ROUTER_GEMM_MAX_TOKENS if use_fp32 else 0
+
+    def after_loading(self) -> None:
+        # SGLang's router weight is a model-dtype parameter: an fp32 checkpoint weight is rounded on load.
+        self.weight.data = self.weight.data.to(self.dtype).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight)
+        logits = F.linear(x.float(), self.weight)
+        return logits if x.shape[0] <= self.fp32_max_tokens else logits.to(self.dtype)
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

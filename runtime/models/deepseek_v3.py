@@ -118,7 +118,8 @@ class DeepseekMoE(nn.Module):
         super().__init__()
         self.c = c
         self.parallel = parallel
-        self.gate = Router(c.n_routed_experts, c.hidden_size, device, correction_bias=True)
+        self.gate = Router(c.n_routed_experts, c.hidden_size, dtype, device, correction_bias=True,
+                           dsv3_router_gemm=not quant.batch_invariant)  # as SGLang's deterministic mode
         self.experts = FusedMoE(
             c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
             quant=quant, prefix=f"{prefix}.experts", parallel=parallel, dtype=dtype, device=device,

@@ -72,7 +72,7 @@ class SparseMoeBlock(nn.Module):
         self.parallel = parallel
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.gate = Router(config.num_experts, config.hidden_size, device)
+        self.gate = Router(config.num_experts, config.hidden_size, dtype, device)
         self.experts = FusedMoE(
             config.num_experts, config.hidden_size, config.moe_intermediate_size,
             quant=quant, prefix=f"{prefix}.experts", parallel=parallel, dtype=dtype, device=device,

@@ -39,9 +39,12 @@ def new_param(
     """Register a parameter with its loading tags; the loader counts writes against expected_loads.
 
     shard_multiple {dim: m}: when split across ranks, the per-rank size along dim must be a multiple of m (a
-    quantization block must not straddle two ranks). per_expert_scalar: one value per expert (input scales).
+    quantization block must not straddle two ranks). per_expert_scalar: one value per expert (input scales),
+    NaN until loaded so that the loader can name the experts the checkpoint left out.
     """
     param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    if per_expert_scalar:
+        param.data.fill_(float("nan"))
     param.output_dim = output_dim
     param.input_dim = input_dim
     param.expected_loads = expected_loads
