@@ -314,3 +314,37 @@ def score_response(
     if extracted is None:
         return Score(None, rule, "no_answer")
     return Score(extracted, rule, "correct" if grade(answer_type, gold, extracted) else "wrong")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-likelihood multiple choice (scoring.method: loglikelihood)
+
+LOGLIKELIHOOD_RULE = "loglikelihood"
+
+
+def continuation_logprob(logprobs: dict, context_chars: int) -> tuple[float, int]:
+    """(sum of the continuation's token logprobs, prompt tokens echoed) from an echoed /v1/completions choice
+    whose prompt was a context of `context_chars` characters followed by the continuation, then one generated
+    token. Tokens are placed by `text_offset`; the last token is the generated one. Raises ValueError when the
+    answer cannot be read that way (no offsets, a token across the context/continuation boundary, a missing
+    logprob)."""
+    offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
+    if not isinstance(offsets, list) or not isinstance(values, list) or len(offsets) != len(values) or not offsets:
+        raise ValueError("the echoed logprobs have no text_offset aligned with token_logprobs")
+    prompt_offsets, prompt_values = offsets[:-1], values[:-1]  # the last entry is the generated token
+    first = next((i for i, offset in enumerate(prompt_offsets) if offset >= context_chars), None)
+    if first is None or prompt_offsets[first] != context_chars:
+        raise ValueError(f"a token spans the end of the context (character {context_chars}): the server's "
+                         f"tokenizer merges it with the continuation, so the continuation cannot be scored alone")
+    scored = prompt_values[first:]
+    if any(not isinstance(v, (int, float)) for v in scored):
+        raise ValueError("a continuation token has no logprob")
+    return float(sum(scored)), len(prompt_offsets)
+
+
+def loglikelihood_choice(option_logprobs: list[float], continuations: list[str]) -> tuple[int, int]:
+    """(acc choice, acc_norm choice): the option with the highest log-likelihood, and the one with the highest
+    log-likelihood per UTF-8 byte of its continuation (lm-eval's acc_norm). Ties go to the first option."""
+    per_byte = [lp / max(len(c.encode("utf-8")), 1) for lp, c in zip(option_logprobs, continuations, strict=True)]
+    return (max(range(len(option_logprobs)), key=lambda i: (option_logprobs[i], -i)),
+            max(range(len(per_byte)), key=lambda i: (per_byte[i], -i)))
