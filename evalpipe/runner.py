@@ -103,9 +103,9 @@ async def send(pool: EndpointPool, model: str, plan: TaskPlan, request: SampleRe
 
 def _loglikelihood_fields(request: SampleRequest, body: dict[str, Any]) -> dict[str, Any]:
     """The scored fields of a log-likelihood answer (`body`: one echoed choice per option, in letter order)."""
-    context_chars = len(request.messages[-1]["content"])
     try:
-        read = [continuation_logprob(choice["logprobs"], context_chars) for choice in body["choices"]]
+        read = [continuation_logprob(choice["logprobs"], continuation)
+                for choice, continuation in zip(body["choices"], request.continuations, strict=True)]
     except ValueError as exc:
         return {"outcome": "error", "error": f"cannot score the options: {exc}"}
     option_logprobs = [lp for lp, _ in read]

@@ -322,24 +322,27 @@ def score_response(
 LOGLIKELIHOOD_RULE = "loglikelihood"
 
 
-def continuation_logprob(logprobs: dict, context_chars: int) -> tuple[float, int]:
-    """(sum of the continuation's token logprobs, prompt tokens echoed) from an echoed /v1/completions choice
-    whose prompt was a context of `context_chars` characters followed by the continuation, then one generated
-    token. Tokens are placed by `text_offset`; the last token is the generated one. Raises ValueError when the
-    answer cannot be read that way (no offsets, a token across the context/continuation boundary, a missing
-    logprob)."""
-    offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
-    if not isinstance(offsets, list) or not isinstance(values, list) or len(offsets) != len(values) or not offsets:
-        raise ValueError("the echoed logprobs have no text_offset aligned with token_logprobs")
-    prompt_offsets, prompt_values = offsets[:-1], values[:-1]  # the last entry is the generated token
-    first = next((i for i, offset in enumerate(prompt_offsets) if offset >= context_chars), None)
-    if first is None or prompt_offsets[first] != context_chars:
-        raise ValueError(f"a token spans the end of the context (character {context_chars}): the server's "
-                         f"tokenizer merges it with the continuation, so the continuation cannot be scored alone")
-    scored = prompt_values[first:]
+def continuation_logprob(logprobs: dict, continuation: str) -> tuple[float, int]:
+    """(sum of the continuation's token logprobs, prompt tokens echoed) from an echoed /v1/completions choice whose
+    prompt ended with `continuation`, followed by one generated token (the last entry, left out). The continuation's
+    tokens are found from the end of the prompt by their texts, which add up to it exactly: counting from the start
+    (`text_offset`) drifts wherever a character of the context was split across tokens. Raises ValueError when
+    the answer cannot be read that way (a token across the context/continuation boundary, a missing logprob)."""
+    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values) or not tokens:
+        raise ValueError("the echoed logprobs have no tokens aligned with token_logprobs")
+    prompt_tokens = tokens[:-1]
+    chars, first = 0, len(prompt_tokens)
+    while chars < len(continuation) and first > 0:
+        first -= 1
+        chars += len(prompt_tokens[first] or "")
+    if chars != len(continuation) or "".join(prompt_tokens[first:]) != continuation:
+        raise ValueError(f"the echoed tokens do not end with the continuation {continuation!r} on a token boundary "
+                         f"(the server's tokenizer merges it with the context), so it cannot be scored alone")
+    scored = values[first:len(prompt_tokens)]
     if any(not isinstance(v, (int, float)) for v in scored):
         raise ValueError("a continuation token has no logprob")
-    return float(sum(scored)), len(prompt_offsets)
+    return float(sum(scored)), len(prompt_tokens)
 
 
 def loglikelihood_choice(option_logprobs: list[float], continuations: list[str]) -> tuple[int, int]:

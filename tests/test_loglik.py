@@ -25,15 +25,18 @@ def echoed(tokens: list[str], values: list[float | None]) -> dict:
 
 def test_continuation_logprob_sums_the_tokens_after_the_context_and_drops_the_generated_one() -> None:
     block = echoed(["Q", ":", " 2+2", "?", " fo", "ur", " so"], [None, -1.0, -2.0, -0.5, -0.25, -0.125, -9.0])
-    assert continuation_logprob(block, context_chars=len("Q: 2+2?")) == (-0.375, 6)
+    assert continuation_logprob(block, " four") == (-0.375, 6)
+    # a context character split over two tokens (each shown as U+FFFD) does not move the continuation
+    split = echoed(["caf", "\ufffd", "\ufffd", " Answer:", " A", "."], [None, -1.0, -1.0, -1.0, -0.5, -2.0])
+    assert continuation_logprob(split, " A") == (-0.5, 5)
 
 
 def test_a_token_across_the_context_boundary_is_an_error_not_a_guess() -> None:
     block = echoed(["Answer", ": A", " so"], [None, -1.0, -2.0])
-    with pytest.raises(ValueError, match="spans the end of the context"):
-        continuation_logprob(block, context_chars=len("Answer:"))
+    with pytest.raises(ValueError, match="on a token boundary"):
+        continuation_logprob(block, " A")
     with pytest.raises(ValueError, match="no logprob"):
-        continuation_logprob(echoed(["Answer:", " A", " so"], [None, None, -1.0]), context_chars=len("Answer:"))
+        continuation_logprob(echoed(["Answer:", " A", " so"], [None, None, -1.0]), " A")
 
 
 def test_acc_picks_the_most_likely_option_acc_norm_the_most_likely_per_byte() -> None:
