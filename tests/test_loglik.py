@@ -116,3 +116,16 @@ def test_an_oracle_that_always_knows_scores_every_question(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     run_dir = Path(result.output.strip().splitlines()[-1])
     assert json.loads((run_dir / "candidate" / "summary.json").read_text())["tasks"]["mmlu_loglik"]["accuracy"] == 1.0
+
+
+def test_the_lm_eval_comparison_counts_choices_and_pairs_the_difference() -> None:
+    from evalpipe.interop.loglik_crosscheck import compare_loglikelihoods
+
+    conts = [[" A", " B"]] * 4
+    ours = [[-1.0, -2.0], [-1.0, -2.0], [-2.0, -1.0], [-2.0, -1.0]]
+    theirs = [[-1.0, -2.0], [-2.0, -1.0], [-2.0, -1.0], [-2.0, -1.5]]
+    result = compare_loglikelihoods(ours, theirs, [0, 0, 1, 0], conts)
+    assert result["acc"] == {"evalpipe": 0.75, "lm_eval": 0.5}
+    assert result["same_choice"] == 0.75 and result["acc_difference"] == 0.25
+    assert result["acc_difference_ci95"][0] < 0.25 < result["acc_difference_ci95"][1]
+    assert result["abs_logprob_difference"] == {"mean": 0.3125, "max": 1.0}
