@@ -322,21 +322,40 @@ def score_response(
 LOGLIKELIHOOD_RULE = "loglikelihood"
 
 
+# A token holding part of a multi-byte character is shown as U+FFFD; a run of m of them stands for 1..m characters.
+_PARTIAL_CHARS = re.compile("\ufffd+")
+
+
+def _texts_match(token_texts: str, text: str) -> bool:
+    if "\ufffd" not in token_texts:
+        return token_texts == text
+    pattern = "".join(
+        f"[^\\x00-\\x7f]{{1,{len(piece)}}}" if piece.startswith("\ufffd") else re.escape(piece)
+        for piece in re.split(f"({_PARTIAL_CHARS.pattern})", token_texts) if piece
+    )
+    return re.fullmatch(pattern, text) is not None
+
+
 def continuation_logprob(logprobs: dict, continuation: str) -> tuple[float, int]:
     """(sum of the continuation's token logprobs, prompt tokens echoed) from an echoed /v1/completions choice whose
     prompt ended with `continuation`, followed by one generated token (the last entry, left out). The continuation's
-    tokens are found from the end of the prompt by their texts, which add up to it exactly: counting from the start
-    (`text_offset`) drifts wherever a character of the context was split across tokens. Raises ValueError when
-    the answer cannot be read that way (a token across the context/continuation boundary, a missing logprob)."""
+    tokens are the fewest last prompt tokens whose texts spell it (a character split over several tokens shows as
+    U+FFFD in each, so those match any non-ASCII character); counting from the start (`text_offset`) would drift
+    at every such split in the context. Raises ValueError when the answer cannot be read that way (no token
+    boundary where the continuation starts, a missing logprob)."""
     tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
     if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values) or not tokens:
         raise ValueError("the echoed logprobs have no tokens aligned with token_logprobs")
-    prompt_tokens = tokens[:-1]
-    chars, first = 0, len(prompt_tokens)
-    while chars < len(continuation) and first > 0:
-        first -= 1
-        chars += len(prompt_tokens[first] or "")
-    if chars != len(continuation) or "".join(prompt_tokens[first:]) != continuation:
+    prompt_tokens = [t or "" for t in tokens[:-1]]
+    first, suffix = None, ""
+    for j in range(len(prompt_tokens) - 1, -1, -1):
+        suffix = prompt_tokens[j] + suffix
+        if len(suffix.replace("\ufffd", "")) > len(continuation):
+            break
+        if _texts_match(suffix, continuation):
+            first = j
+            break
+    if first is None:
         raise ValueError(f"the echoed tokens do not end with the continuation {continuation!r} on a token boundary "
                          f"(the server's tokenizer merges it with the context), so it cannot be scored alone")
     scored = values[first:len(prompt_tokens)]

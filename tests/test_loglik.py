@@ -29,6 +29,9 @@ def test_continuation_logprob_sums_the_tokens_after_the_context_and_drops_the_ge
     # a context character split over two tokens (each shown as U+FFFD) does not move the continuation
     split = echoed(["caf", "\ufffd", "\ufffd", " Answer:", " A", "."], [None, -1.0, -1.0, -1.0, -0.5, -2.0])
     assert continuation_logprob(split, " A") == (-0.5, 5)
+    # and one split inside the continuation is matched to the character it spells
+    forall = echoed(["Answer:", " (", "\ufffd", "\ufffd", "x)", " so"], [None, -1.0, -0.5, -0.25, -0.125, -3.0])
+    assert continuation_logprob(forall, " (∀x)") == (-1.875, 5)
 
 
 def test_a_token_across_the_context_boundary_is_an_error_not_a_guess() -> None:
