@@ -99,6 +99,10 @@ class PromptSpec(_Strict):
     option_format: str = "{letter}) {text}"
     shuffle_options: bool = False
     shuffle_salt: str = ""
+    continuation: str | None = Field(
+        default=None,
+        description="log-likelihood cards: the text scored after the prompt for each option ({letter}, {text})",
+    )
 
     @field_validator("template")
     @classmethod
@@ -117,7 +121,12 @@ class SamplingSpec(_Strict):
 
 class ScoringSpec(_Strict):
     answer_type: Literal["math", "integer", "multiple_choice"]
-    extract: list[str] = Field(min_length=1, description="extraction ladder, first rule that finds an answer wins")
+    # generate: a chat completion, graded by the extraction ladder. loglikelihood: no generation; each option's
+    # continuation is scored by its log-likelihood after the prompt (/v1/completions, echo + logprobs), the way
+    # lm-eval scores multiple choice; the most likely option is the answer.
+    method: Literal["generate", "loglikelihood"] = "generate"
+    extract: list[str] = Field(default_factory=list, description="extraction ladder (generate): the last answer "
+                                                                 "statement any rule finds wins")
 
     @field_validator("extract")
     @classmethod
@@ -126,6 +135,16 @@ class ScoringSpec(_Strict):
         if unknown:
             raise ValueError(f"unknown extraction rule(s) {unknown}; known: {sorted(EXTRACTION_RULES)}")
         return rules
+
+    @model_validator(mode="after")
+    def _ladder_for_generation_only(self) -> ScoringSpec:
+        if self.method == "generate" and not self.extract:
+            raise ValueError("extract: a generate card needs an extraction ladder")
+        if self.method == "loglikelihood" and self.extract:
+            raise ValueError("extract: a loglikelihood card extracts nothing; leave the ladder out")
+        if self.method == "loglikelihood" and self.answer_type != "multiple_choice":
+            raise ValueError("method: loglikelihood scores options, so answer_type must be multiple_choice")
+        return self
 
 
 class DerivedLabel(_Strict):
@@ -149,7 +168,14 @@ class TaskCard(_Strict):
         is_mc = self.scoring.answer_type == "multiple_choice"
         if is_mc != bool(self.fields.options):
             raise ValueError("multiple_choice cards need fields.options, other cards must not have them")
-        if is_mc and "{options}" not in self.prompt.template:
+        loglik = self.scoring.method == "loglikelihood"
+        if loglik != (self.prompt.continuation is not None):
+            raise ValueError("prompt.continuation is given exactly for scoring.method loglikelihood")
+        if loglik and self.prompt.system is not None:
+            raise ValueError("prompt.system: a loglikelihood prompt is sent as plain text, without a chat template")
+        # A cloze card (continuation = the option's text) need not list the options in the prompt.
+        needs_listing = is_mc and not (loglik and "{text}" in (self.prompt.continuation or ""))
+        if needs_listing and "{options}" not in self.prompt.template:
             raise ValueError("multiple_choice template must contain {options}")
         return self
 

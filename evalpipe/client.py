@@ -179,9 +179,10 @@ class EndpointPool:
         """One chat completion, with retries; never raises for transport or server failures."""
         return await self._with_retries(lambda replica, deadline: self._chat(replica, messages, params, deadline))
 
-    async def prompt_logprobs(self, model: str, prompt: str | list[int], top_k: int) -> Outcome:
-        """Teacher-forced scoring of `prompt` (text or token ids): /v1/completions with echo, top-k logprobs and
-        one generated token. On success `Outcome.body` is the parsed response (its first choice has `logprobs`)."""
+    async def prompt_logprobs(self, model: str, prompt: str | list[int] | list[str], top_k: int) -> Outcome:
+        """Teacher-forced scoring of `prompt` (text, token ids, or several texts in one request): /v1/completions
+        with echo, top-k logprobs and one generated token. On success `Outcome.body` is the parsed response (one
+        choice with `logprobs` per prompt, in order)."""
         return await self._with_retries(lambda replica, deadline: self._echo(replica, model, prompt, top_k, deadline))
 
     async def _with_retries(self, attempt_once: Callable[[Replica, float], Awaitable[Any]]) -> Outcome:
@@ -264,16 +265,22 @@ class EndpointPool:
                 return await self._read_stream(response, timer, deadline)
 
     @staticmethod
-    async def _echo(replica: Replica, model: str, prompt: str | list[int], top_k: int,
+    async def _echo(replica: Replica, model: str, prompt: str | list[int] | list[str], top_k: int,
                     deadline: float) -> dict[str, Any]:
+        # max_tokens 1, not 0: vLLM, SGLang and lm-eval's local-completions all serve echo with one token.
         async with asyncio.timeout_at(deadline):
             raw = await replica.client.completions.with_raw_response.create(
                 model=model, prompt=prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=top_k)
             body = raw.http_response.json()
-        choices = body.get("choices") or []
-        logprobs = choices[0].get("logprobs") if choices else None
-        if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
-            raise _Fatal("the server returned no prompt logprobs for echo=true, logprobs=k (it cannot be probed)")
+        expected = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+        choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != expected:
+            raise _Fatal(f"the server answered {len(choices)} choices for {expected} prompts")
+        for choice in choices:
+            logprobs = choice.get("logprobs")
+            if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
+                raise _Fatal("the server returned no prompt logprobs for echo=true, logprobs=k (it cannot be probed)")
+        body["choices"] = choices
         return body
 
     async def _read_stream(self, response: Any, timer: asyncio.Timeout, deadline: float) -> Completion:

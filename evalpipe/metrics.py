@@ -140,6 +140,18 @@ def answer_matrix(
     return rows
 
 
+def acc_norm(records: Iterable[SampleRecord], task: str, question_ids: Sequence[str], k: int) -> float | None:
+    """Log-likelihood cards: accuracy of the length-normalised choice (`extracted_norm`), averaged like accuracy
+    (per question over samples, then over questions; errors excluded)."""
+    latest = _latest(records, task)
+    matrix = np.full((len(question_ids), k), np.nan)
+    row_of = {q: i for i, q in enumerate(question_ids)}
+    for (qid, sample), r in latest.items():
+        if qid in row_of and sample < k and r.extracted_norm is not None:
+            matrix[row_of[qid], sample] = float(r.extracted_norm == r.gold)
+    return mean_stderr_ci(question_means(matrix))[0]
+
+
 def mean_p50_p99(values: Sequence[int]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None, "p99": None}
@@ -190,6 +202,8 @@ def summarize_task(
             [r.usage.completion_tokens for r in finished if r.usage.completion_tokens is not None]
         ),
     }
+    if any(r.extracted_norm is not None for r in latest):
+        summary["acc_norm"] = acc_norm(own, task, ids, samples)
     labels_of = {r.question_id: r.labels for r in latest}
     label_names = sorted({name for lab in labels_of.values() for name in lab})
     details = {

@@ -26,6 +26,8 @@ class SampleRequest:
     gold: str
     letters: str
     labels: dict[str, str] = field(default_factory=dict)
+    # Log-likelihood cards: the text scored after the prompt for each option, in letter order.
+    continuations: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -71,14 +73,29 @@ def option_order(salt: str, question_id: str, sample_index: int, n_options: int)
     )
 
 
+def shown_order(card: TaskCard, question: Question, sample_index: int) -> list[int]:
+    """Source indices of a question's options in the order shown for one sample."""
+    if card.prompt.shuffle_options:
+        return option_order(card.prompt.shuffle_salt, question.id, sample_index, len(question.options))
+    return list(range(len(question.options)))
+
+
+def render_continuations(card: TaskCard, question: Question, sample_index: int) -> tuple[str, ...]:
+    """Log-likelihood cards: each option's continuation, in the order shown (letter order); () otherwise."""
+    template = card.prompt.continuation
+    if template is None:
+        return ()
+    order = shown_order(card, question, sample_index)
+    return tuple(template.replace("{letter}", LETTERS[pos]).replace("{text}", question.options[src])
+                 for pos, src in enumerate(order))
+
+
 def render_prompt(card: TaskCard, question: Question, sample_index: int) -> tuple[str, str, str]:
     """(user message, gold as scored, valid letters) for one sample."""
     prompt = card.prompt
     if not question.options:
         return prompt.template.replace("{question}", question.text), question.gold, ""
-    order = list(range(len(question.options)))
-    if prompt.shuffle_options:
-        order = option_order(prompt.shuffle_salt, question.id, sample_index, len(question.options))
+    order = shown_order(card, question, sample_index)
     letters = LETTERS[: len(order)]
     lines = [prompt.option_format.format(letter=letters[pos], text=question.options[src])
              for pos, src in enumerate(order)]
@@ -118,7 +135,7 @@ def build_task_plan(card: TaskCard, questions: list[Question], *, samples: int, 
                 SampleRequest(
                     task=card.name, card_hash=card_hash, question_id=q.id, sample_index=sample_index, seed=s_seed,
                     messages=messages, prompt_hash=prompt_hash(messages), gold=gold, letters=letters,
-                    labels=q.labels,
+                    labels=q.labels, continuations=render_continuations(card, q, sample_index),
                 )
             )
     return TaskPlan(card=card, questions=tuple(questions), samples=samples, seed=seed, requests=tuple(requests))

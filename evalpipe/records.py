@@ -47,6 +47,10 @@ class SampleRecord(BaseModel):
     replica: str | None = None
     prompt_hash: str | None = Field(default=None, description="sha256 prefix of the exact messages sent")
     labels: dict[str, str] = Field(default_factory=dict, description="question labels for breakdowns, e.g. subject")
+    option_logprobs: list[float] | None = Field(
+        default=None, description="log-likelihood cards: each option's continuation log-likelihood, in letter order")
+    extracted_norm: str | None = Field(
+        default=None, description="log-likelihood cards: the letter whose log-likelihood per byte is highest (acc_norm)")
 
     @property
     def key(self) -> tuple[str, str, int]:

@@ -32,7 +32,7 @@ from evalpipe.plan import SampleRequest, TaskPlan, build_task_plan
 from evalpipe.progress import RunProgress
 from evalpipe.records import SampleRecord, Usage
 from evalpipe.report import report_markdown, summarize_side, truncation_warnings, write_json
-from evalpipe.scoring import score_response
+from evalpipe.scoring import LOGLIKELIHOOD_RULE, continuation_logprob, loglikelihood_choice, score_response
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,49 @@ def generation_params(plan: TaskPlan, model: str, request: SampleRequest) -> Gen
                             seed=request.seed)
 
 
+def is_loglikelihood(plan: TaskPlan) -> bool:
+    return plan.card.scoring.method == "loglikelihood"
+
+
+def loglikelihood_prompts(request: SampleRequest) -> list[str]:
+    """One prompt per option: the context (the rendered user turn, sent as plain text) then its continuation."""
+    context = request.messages[-1]["content"]
+    return [context + continuation for continuation in request.continuations]
+
+
+async def send(pool: EndpointPool, model: str, plan: TaskPlan, request: SampleRequest) -> Outcome:
+    if is_loglikelihood(plan):
+        return await pool.prompt_logprobs(model, loglikelihood_prompts(request), top_k=1)
+    return await pool.complete(list(request.messages), generation_params(plan, model, request))
+
+
+def _loglikelihood_fields(request: SampleRequest, body: dict[str, Any]) -> dict[str, Any]:
+    """The scored fields of a log-likelihood answer (`body`: one echoed choice per option, in letter order)."""
+    try:
+        read = [continuation_logprob(choice["logprobs"], continuation)
+                for choice, continuation in zip(body["choices"], request.continuations, strict=True)]
+    except ValueError as exc:
+        return {"outcome": "error", "error": f"cannot score the options: {exc}"}
+    option_logprobs = [lp for lp, _ in read]
+    best, best_norm = loglikelihood_choice(option_logprobs, list(request.continuations))
+    letter = request.letters[best]
+    return {
+        "extracted": letter, "extracted_norm": request.letters[best_norm], "rule": LOGLIKELIHOOD_RULE,
+        "outcome": "correct" if letter == request.gold else "wrong", "option_logprobs": option_logprobs,
+        "finish_reason": "stop",
+        # the longest prompt echoed (context and continuation), as the context check expects one prompt's tokens
+        "usage": Usage(prompt_tokens=max(tokens for _, tokens in read)),
+    }
+
+
 def to_record(plan: TaskPlan, request: SampleRequest, outcome: Outcome) -> SampleRecord:
     common = dict(
         task=request.task, card_hash=request.card_hash, question_id=request.question_id,
         sample_index=request.sample_index, seed=request.seed, gold=request.gold, latency_s=round(outcome.latency_s, 4),
         attempts=outcome.attempts, replica=outcome.replica, prompt_hash=request.prompt_hash, labels=request.labels,
     )
+    if outcome.body is not None and is_loglikelihood(plan):
+        return SampleRecord(**common, **_loglikelihood_fields(request, outcome.body))
     c = outcome.completion
     if c is None:
         return SampleRecord(**common, outcome="error", error=outcome.error)
@@ -117,7 +154,7 @@ async def run_requests(
 
     async def worker() -> None:
         for plan, request in queue:  # one shared iterator: each request is taken by exactly one worker
-            outcome = await pool.complete(list(request.messages), generation_params(plan, model, request))
+            outcome = await send(pool, model, plan, request)
             on_record(to_record(plan, request, outcome), outcome)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(work)))))

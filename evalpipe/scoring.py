@@ -1,8 +1,11 @@
 """Reasoning-aware answer extraction and grading: pure functions from a response to an outcome.
 
 Only the visible answer is scored: `message.content`, cut after the last `</think>` when the server left the
-thinking in it. The card names an extraction ladder (rules below, tried in order, first hit wins) and an answer
-type (grader). Every scored sample records the rule that fired; `none` when no rule found an answer.
+thinking in it. The card names an extraction ladder (rules below) and an answer type (grader). Every rule finds
+the last answer statement of its kind; of the rules that find one, the statement that comes last in the text wins
+(the last committed answer: "Answer: A. ... Actually it is C.\n\nC" is C), ties going to the rule listed first.
+A hedged answer statement ("Answer: A or B") commits to nothing. Every scored sample records the rule that
+fired; `none` when no rule found an answer.
 
 Bump SCORING_VERSION whenever a change here can change an outcome: it is part of every card hash.
 """
@@ -18,14 +21,20 @@ from dataclasses import dataclass
 from evalpipe.records import Outcome
 
 # 2: mc_final_letter_line no longer reads an echoed option list or initials as a choice (found by crosscheck).
-SCORING_VERSION = 2
+# 3: the last answer statement wins across the ladder; hedged letters ("A or B") are no answer; a trailing remark
+#    in words ("34 (not 33)") is not part of a math answer.
+SCORING_VERSION = 3
 
 NO_RULE = "none"
+HEDGED = "hedged"
 # Longer predictions are compared as strings only: symbolic parsing of huge expressions can hang.
 MAX_SYMBOLIC_CHARS = 400
 MATH_VERIFY_TIMEOUT_S = 5
 
-Rule = Callable[[str, str], "str | None"]
+# A rule's hit: the answer (None: a hedged statement) and the span [start, end) of its answer statement in the
+# text it read.
+Hit = tuple["str | None", int, int]
+Rule = Callable[[str, str], "Hit | None"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +76,21 @@ def _braced(text: str, open_at: int) -> str | None:
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
 
 
-def _last_boxed(text: str) -> str | None:
+def _last_boxed(text: str) -> Hit | None:
     for match in reversed(list(_BOXED.finditer(text))):
         if match.group(1):
             inner = _braced(text, match.start(1))
+            end = match.start(1) + len(inner) + 2 if inner is not None else 0
         else:  # `\boxed 5`: one bare token
             token = re.match(r"[^\s$]+", text[match.end() :])
             inner = token.group(0) if token else None
+            end = match.end() + len(inner or "")
         if inner is not None and inner.strip():
-            return inner.strip()
+            return inner.strip(), match.start(), end
     return None
 
 
-def rule_boxed_last(text: str, letters: str) -> str | None:
+def rule_boxed_last(text: str, letters: str) -> Hit | None:
     """Last `\\boxed{...}` (or `\\fbox{...}`), nested braces kept."""
     return _last_boxed(text)
 
@@ -87,14 +98,15 @@ def rule_boxed_last(text: str, letters: str) -> str | None:
 _ANSWER_LINE = re.compile(r"\b(?i:final\s+answer|answer)\b[*_]*\s*(?:(?i:is)\b\s*:?|[:：])\s*[*_]*\s*(.+)")
 
 
-def rule_answer_line(text: str, letters: str) -> str | None:
-    """Math fallback: the rest of the line after the last 'answer is' / 'Answer:'."""
+def rule_answer_line(text: str, letters: str) -> Hit | None:
+    """The rest of the line after the last 'answer is' / 'Answer:' ('so the final answer is 34' after an earlier
+    `\\boxed{33}` is 34). A line that only holds a `\\boxed{}` is left to boxed_last, which starts after it."""
     for match in reversed(list(_ANSWER_LINE.finditer(text))):
         value = match.group(1).strip().strip("*_ ").rstrip(".").strip()
         value = value.strip("$").strip()
         value = re.sub(r"^\\[(\[]|\\[)\]]$", "", value).strip().rstrip(".").strip()
         if value:
-            return value
+            return value, match.start(), match.end()
     return None
 
 
@@ -106,47 +118,54 @@ def _mc_text(text: str) -> str:
 _LETTER_AFTER_MARKER = re.compile(
     r"[\s*_$(\[{]*(?:\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{[\s(\[]*)*([A-Z])(?![A-Za-z0-9])"
 )
+# A second option letter joined to the first ("A or B", "A/B", "A, B"): the statement names no single choice.
+_HEDGE_AFTER_LETTER = re.compile(r"[\s*_$)\]}]*(?:,|/|\bor\b|\band\b)\s*[*_$(\[{]*([A-Z])(?![A-Za-z0-9])")
 _MARKER = re.compile(r"(?i:answer)\s*[*_]*\s*:")
 
 
-def _letter_after(text: str, start: int, letters: str) -> str | None:
+def _letter_after(text: str, start: int, letters: str) -> tuple[str | None, int] | None:
+    """(letter, end) for a valid option letter at `start`, (None, end) for a hedge between two, None for neither."""
     match = _LETTER_AFTER_MARKER.match(text, start)
-    if match and match.group(1) in letters:
-        return match.group(1)
-    return None
+    if not match or match.group(1) not in letters:
+        return None
+    hedge = _HEDGE_AFTER_LETTER.match(text, match.end())
+    if hedge and hedge.group(1) in letters and hedge.group(1) != match.group(1):
+        return None, hedge.end()
+    return match.group(1), match.end()
 
 
-def _last_letter_after(pattern: re.Pattern[str], text: str, letters: str) -> str | None:
-    """The option letter after the last match of `pattern` that is followed by one."""
-    text = _mc_text(text)
+def _last_letter_after(pattern: re.Pattern[str], text: str, letters: str) -> Hit | None:
+    """The option letter after the last match of `pattern` that is followed by one (None if it is hedged)."""
     for match in reversed(list(pattern.finditer(text))):
-        letter = _letter_after(text, match.end(), letters)
-        if letter:
-            return letter
+        found = _letter_after(text, match.end(), letters)
+        if found:
+            answer, end = found
+            return answer, match.start(), end
     return None
 
 
-def rule_mc_answer_marker(text: str, letters: str) -> str | None:
+def rule_mc_answer_marker(text: str, letters: str) -> Hit | None:
     """Last 'Answer: X' whose X is a valid option letter (an echoed 'Answer: $LETTER' is skipped)."""
     return _last_letter_after(_MARKER, text, letters)
 
 
-def rule_mc_boxed(text: str, letters: str) -> str | None:
+def rule_mc_boxed(text: str, letters: str) -> Hit | None:
     """Last `\\boxed{...}` whose content is an option letter, e.g. `\\boxed{\\text{(B)}}` or `\\boxed{B) 4}`."""
-    inner = _last_boxed(_mc_text(text))
-    if inner is None:
+    boxed = _last_boxed(text)
+    if boxed is None:
         return None
+    inner, start, end = boxed
     stripped = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{", "", inner).replace("}", "")
     match = re.match(r"[\s(\[*$]*([A-Z])(?:[\s)\].:*$]|$)", stripped + " ")
     if match and match.group(1) in letters:
-        return match.group(1)
+        return match.group(1), start, end
     return None
 
 
 _PHRASE = re.compile(r"(?i:answer|option|choice)\s+(?i:is)\s*:?")
 
 
-def rule_mc_answer_phrase(text: str, letters: str) -> str | None:
+def rule_mc_answer_phrase(text: str, letters: str) -> Hit | None:
     """Last 'the answer is (X)' / 'correct option is X'."""
     return _last_letter_after(_PHRASE, text, letters)
 
@@ -155,11 +174,11 @@ _LETTER_LINE = re.compile(r"^[\s*_(\[]*([A-Z])(?:\s*[*_]*\s*$|[)\].:])")
 _INITIALS = re.compile(r"^[\s*_(\[]*[A-Z]\.\s*[A-Z]\.")
 
 
-def rule_mc_final_letter_line(text: str, letters: str) -> str | None:
+def rule_mc_final_letter_line(text: str, letters: str) -> Hit | None:
     """The last non-empty line starts with a lone letter: '**C**', '(C)', 'C) 42 J'. Not when the line before it
     starts with another option's letter (the response ends by listing the options: no choice was made), nor for
     initials ('B. F. Skinner was ...')."""
-    lines = [line for line in _mc_text(text).splitlines() if line.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         return None
     match = _LETTER_LINE.match(lines[-1])
@@ -168,7 +187,8 @@ def rule_mc_final_letter_line(text: str, letters: str) -> str | None:
     previous = _LETTER_LINE.match(lines[-2]) if len(lines) > 1 else None
     if previous and previous.group(1) in letters and previous.group(1) != match.group(1):
         return None
-    return match.group(1)
+    start = text.rfind(lines[-1])
+    return match.group(1), start, start + len(lines[-1])
 
 
 EXTRACTION_RULES: dict[str, Rule] = {
@@ -182,11 +202,18 @@ EXTRACTION_RULES: dict[str, Rule] = {
 
 
 def extract(ladder: list[str] | tuple[str, ...], text: str, letters: str = "") -> tuple[str | None, str]:
-    for name in ladder:
-        answer = EXTRACTION_RULES[name](text, letters)
-        if answer is not None:
-            return answer, name
-    return None, NO_RULE
+    """The answer of the last answer statement any rule of the ladder finds, and that rule's name; (None, HEDGED)
+    when that statement names two options; (None, NO_RULE) when none is found. Hits whose spans overlap the last
+    one are the same statement read by several rules ('Answer: \\boxed{B}'): the rule listed first names it.
+    With option letters (multiple choice) every rule reads the NFKC-normalised text, so positions compare."""
+    if letters:
+        text = _mc_text(text)
+    hits = [(name, hit) for name in ladder if (hit := EXTRACTION_RULES[name](text, letters)) is not None]
+    if not hits:
+        return None, NO_RULE
+    last_start = max(hit[1] for _, hit in hits)
+    name, (answer, _, _) = next((name, hit) for name, hit in hits if hit[2] > last_start or hit[1] == last_start)
+    return (answer, name) if answer is not None else (None, HEDGED)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,9 +274,25 @@ def integer_equal(gold: str, predicted: str) -> bool:
     return math_equal(str(gold_int), predicted)
 
 
+# A parenthetical in words after the answer ("34 (not 33)", "5 (in cm)"): a remark, not part of the answer.
+_TRAILING_REMARK = re.compile(r"\s+\(([^()]*)\)\s*$")
+_PLAIN_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+
+
+def without_remark(answer: str) -> str:
+    """The answer without a trailing remark in words; `\\text{}` is read as its text, so `34 \\text{ (not } 33)` is
+    34 (a careful reader does not grade it correct for 33, which math-verify alone would)."""
+    plain = _TEXT_CMD.sub(r"\1", answer)
+    remark = _TRAILING_REMARK.search(plain)
+    if remark and remark.start() > 0 and _PLAIN_WORD.search(remark.group(1)):
+        return plain[: remark.start()].strip()
+    return answer
+
+
 def grade(answer_type: str, gold: str, predicted: str) -> bool:
     if answer_type == "multiple_choice":
         return predicted == gold
+    predicted = without_remark(predicted)
     if answer_type == "integer":
         return integer_equal(gold, predicted)
     return math_equal(gold, predicted)
@@ -271,3 +314,59 @@ def score_response(
     if extracted is None:
         return Score(None, rule, "no_answer")
     return Score(extracted, rule, "correct" if grade(answer_type, gold, extracted) else "wrong")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-likelihood multiple choice (scoring.method: loglikelihood)
+
+LOGLIKELIHOOD_RULE = "loglikelihood"
+
+
+# A token holding part of a multi-byte character is shown as U+FFFD; a run of m of them stands for 1..m characters.
+_PARTIAL_CHARS = re.compile("\ufffd+")
+
+
+def _texts_match(token_texts: str, text: str) -> bool:
+    if "\ufffd" not in token_texts:
+        return token_texts == text
+    pattern = "".join(
+        f"[^\\x00-\\x7f]{{1,{len(piece)}}}" if piece.startswith("\ufffd") else re.escape(piece)
+        for piece in re.split(f"({_PARTIAL_CHARS.pattern})", token_texts) if piece
+    )
+    return re.fullmatch(pattern, text) is not None
+
+
+def continuation_logprob(logprobs: dict, continuation: str) -> tuple[float, int]:
+    """(sum of the continuation's token logprobs, prompt tokens echoed) from an echoed /v1/completions choice whose
+    prompt ended with `continuation`, followed by one generated token (the last entry, left out). The continuation's
+    tokens are the fewest last prompt tokens whose texts spell it (a character split over several tokens shows as
+    U+FFFD in each, so those match any non-ASCII character); counting from the start (`text_offset`) would drift
+    at every such split in the context. Raises ValueError when the answer cannot be read that way (no token
+    boundary where the continuation starts, a missing logprob)."""
+    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values) or not tokens:
+        raise ValueError("the echoed logprobs have no tokens aligned with token_logprobs")
+    prompt_tokens = [t or "" for t in tokens[:-1]]
+    first, suffix = None, ""
+    for j in range(len(prompt_tokens) - 1, -1, -1):
+        suffix = prompt_tokens[j] + suffix
+        if len(suffix.replace("\ufffd", "")) > len(continuation):
+            break
+        if _texts_match(suffix, continuation):
+            first = j
+            break
+    if first is None:
+        raise ValueError(f"the echoed tokens do not end with the continuation {continuation!r} on a token boundary "
+                         f"(the server's tokenizer merges it with the context), so it cannot be scored alone")
+    scored = values[first:len(prompt_tokens)]
+    if any(not isinstance(v, (int, float)) for v in scored):
+        raise ValueError("a continuation token has no logprob")
+    return float(sum(scored)), len(prompt_tokens)
+
+
+def loglikelihood_choice(option_logprobs: list[float], continuations: list[str]) -> tuple[int, int]:
+    """(acc choice, acc_norm choice): the option with the highest log-likelihood, and the one with the highest
+    log-likelihood per UTF-8 byte of its continuation (lm-eval's acc_norm). Ties go to the first option."""
+    per_byte = [lp / max(len(c.encode("utf-8")), 1) for lp, c in zip(option_logprobs, continuations, strict=True)]
+    return (max(range(len(option_logprobs)), key=lambda i: (option_logprobs[i], -i)),
+            max(range(len(per_byte)), key=lambda i: (per_byte[i], -i)))

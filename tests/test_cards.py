@@ -13,6 +13,7 @@ from evalpipe.errors import UserError
 from orch_helpers import REPO, run_cli
 
 SHIPPED = ["aime24", "gpqa_diamond", "math500", "mmlu"]
+LOGLIKELIHOOD = ["gpqa_diamond_loglik", "mmlu_cloze_loglik", "mmlu_loglik"]
 
 
 def raw_card(name: str) -> dict:
@@ -20,7 +21,7 @@ def raw_card(name: str) -> dict:
 
 
 def test_all_four_cards_ship_and_follow_the_r1_protocol() -> None:
-    assert available_tasks() == SHIPPED
+    assert available_tasks() == sorted(SHIPPED + LOGLIKELIHOOD)
     samples = {"aime24": 16, "gpqa_diamond": 8, "math500": 4, "mmlu": 1}
     for name in SHIPPED:
         card = load_card(name)
@@ -36,6 +37,17 @@ def test_all_four_cards_ship_and_follow_the_r1_protocol() -> None:
         last_line = load_card(name).prompt.template.splitlines()[-1]
         assert last_line.startswith('The last line of your response must be of the form "Answer: $LETTER"')
     assert len(load_card("mmlu").dataset.local.files) == 57
+
+
+def test_loglikelihood_cards_share_their_generative_cards_data_and_score_each_option() -> None:
+    for name in LOGLIKELIHOOD:
+        card, source = load_card(name), load_card(name.split("_cloze")[0].removesuffix("_loglik"))
+        assert card.scoring.method == "loglikelihood" and card.scoring.extract == []
+        assert (card.dataset, card.fields) == (source.dataset, source.fields)
+        assert (card.sampling.temperature, card.sampling.max_tokens, card.sampling.samples) == (0.0, 1, 1)
+        assert card.prompt.template.endswith("Answer:") and card.prompt.continuation.startswith(" ")
+        assert card.prompt.shuffle_salt == source.prompt.shuffle_salt
+        assert card.card_hash != source.card_hash
 
 
 def _set(tree: dict, dotted: str, value: object) -> None:

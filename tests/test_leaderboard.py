@@ -118,7 +118,8 @@ def test_page_renders_and_sorts_in_headless_chromium(tmp_path):
     page.write_text(render_html(RUNS).replace("</body>", click), encoding="utf-8")
     out = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--dump-dom", page.as_uri()],
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     assert out.count("<circle") == 5

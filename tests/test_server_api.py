@@ -126,6 +126,21 @@ def test_completion_echo_logprobs_match_a_direct_full_sequence_forward(tiny, tok
     assert lp.text_offset[1] == len(lp.tokens[0])
 
 
+def test_several_prompts_with_echo_are_scored_each_as_alone_for_loglikelihood_cards(tiny):
+    # what a log-likelihood card sends: one prompt per option, echo, logprobs 1, max_tokens 1, in one request
+    url, _ = tiny
+    context = "Question: which colour is the sky?\nAnswer:"
+    prompts = [context + option for option in (" blue", " a deep green", " red")]
+    together = client(url).completions.create(model="tiny", prompt=prompts, max_tokens=1, temperature=0, echo=True,
+                                              logprobs=1)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, together.choices, strict=True):
+        alone = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                               logprobs=1).choices[0]
+        assert choice.text.startswith(prompt) and "".join(choice.logprobs.tokens[:-1]) == prompt
+        assert choice.logprobs.token_logprobs == pytest.approx(alone.logprobs.token_logprobs, abs=1e-4)
+
+
 def test_completion_streaming_with_echo_and_logprobs_equals_non_streaming(tiny):
     url, _ = tiny
     c = client(url)

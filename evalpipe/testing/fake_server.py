@@ -1,7 +1,7 @@
 """A deterministic fake OpenAI-compatible server over real HTTP on 127.0.0.1 (tests, bench, quickstart).
 
 Endpoints: GET /v1/models (with max_model_len), POST /v1/chat/completions (streaming or not), POST /v1/completions
-(text, `echo`, deterministic top-k `logprobs`), GET /health. Every answer is a pure function of (user message,
+(text, `echo`, deterministic top-k `logprobs`; a list of prompts gets one choice each), GET /health. Every answer is a pure function of (user message,
 seed, attempt number), so two runs of the same plan get the same responses.
 
 How it answers a chat request, first match wins:
@@ -12,6 +12,9 @@ How it answers a chat request, first match wins:
    `accuracy`, otherwise wrongly; `truncation_rate` and `no_answer_rate` carve out truncated and unanswered
    responses. Reasoning goes to `reasoning_content`, into `<think>` tags in the content, or nowhere.
 3. Anything else gets a plausible but uninformed answer.
+
+A /v1/completions request whose prompts are an answer-key question followed by each option's continuation (a
+log-likelihood card) is answered by the same oracle: the option it picks gets the highest log-likelihood.
 
 Run in-process with `FakeServer(behaviour)` (a context manager, serving from a thread), or as a process:
 `python -m evalpipe.testing.fake_server --behaviour FILE.json [--port-file F]`. With `--answer-key-for CONFIG`
@@ -68,6 +71,9 @@ class AnswerKeyEntry(BaseModel):
     answer_type: Literal["math", "integer", "multiple_choice"]
     letters: str = ""
     question: str = Field(default="", description="question identity: its difficulty does not depend on the sample")
+    continuation_keys: list[str] = Field(
+        default_factory=list, description="log-likelihood cards: text_key(user message + continuation) per option")
+    context_chars: int = Field(default=0, description="log-likelihood cards: length of the user message")
 
 
 class Behaviour(BaseModel):
@@ -131,6 +137,9 @@ class FakeServer:
         self.requests: list[dict[str, Any]] = []
         self._attempts: dict[tuple[str, Any], int] = {}
         self._rules = [(re.compile(r.match), r) for r in self.behaviour.rules]
+        # text_key(context + continuation) -> (the question's key, its entry, option index)
+        self._option_index = {ck: (key, entry, i) for key, entry in self.behaviour.answer_key.items()
+                              for i, ck in enumerate(entry.continuation_keys)}
         self._log = open(self.behaviour.log_path, "a", encoding="utf-8") if self.behaviour.log_path else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -382,6 +391,13 @@ class FakeServer:
         entry = self.behaviour.answer_key.get(key)
         return self._oracle_reply(entry, key, seed, max_tokens)
 
+    def _oracle_answer(self, entry: AnswerKeyEntry, key: str, seed: Any) -> str:
+        # Per-question success probability p = v ** ((1 - a) / a) has mean a over questions (v uniform).
+        a = min(max(self.behaviour.accuracy, 1e-9), 1.0)
+        p_question = _unit("difficulty", entry.question or key) ** ((1 - a) / a)
+        correct = _unit("correct", key, seed) < p_question
+        return entry.gold if correct else self._wrong(entry, key, seed)
+
     def _oracle_reply(self, entry: AnswerKeyEntry | None, key: str, seed: Any, max_tokens: int) -> Reply:
         b = self.behaviour
         u = _unit("outcome", key, seed)
@@ -398,11 +414,7 @@ class FakeServer:
         if entry is None:
             guess = _unit("guess", key, seed)
             return self._wrap(thinking, f"The answer is \\boxed{{{int(guess * 1000)}}}.")
-        # Per-question success probability p = v ** ((1 - a) / a) has mean a over questions (v uniform).
-        a = min(max(b.accuracy, 1e-9), 1.0)
-        p_question = _unit("difficulty", entry.question or key) ** ((1 - a) / a)
-        correct = _unit("correct", key, seed) < p_question
-        answer = entry.gold if correct else self._wrong(entry, key, seed)
+        answer = self._oracle_answer(entry, key, seed)
         if entry.answer_type == "multiple_choice":
             return self._wrap(thinking, f"Weighing the options.\nAnswer: {answer}")
         return self._wrap(thinking, f"So the final answer is $\\boxed{{{answer}}}$.")
@@ -427,8 +439,10 @@ class FakeServer:
 
     def _completions(self, request: dict[str, Any]) -> dict[str, Any]:
         prompt = request.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return self._scored_prompts(request, prompt)
         if not isinstance(prompt, str):
-            raise _HTTPError(400, "prompt must be a string")
+            raise _HTTPError(400, "prompt must be a string or a list of strings")
         prompt_tokens = _count_tokens(prompt)
         max_tokens = self._check_request(request, prompt_tokens)
         seed = request.get("seed")
@@ -446,6 +460,35 @@ class FakeServer:
                 "model": self.behaviour.model, "choices": [choice],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
                           "total_tokens": prompt_tokens + len(generated)}}
+
+    def _scored_prompts(self, request: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
+        """Several prompts echoed with their logprobs, one choice each, plus one generated token. Tokens are
+        whitespace-led words, so they concatenate to the prompt exactly and `text_offset` is faithful. The
+        options of an answer-key question: the oracle's pick scores -0.1 per continuation token, the others less."""
+        max_tokens = self._check_request(request, max(_count_tokens(p) for p in prompts))
+        if not request.get("echo"):
+            raise _HTTPError(400, "a list of prompts is served with echo only")
+        top_k = request.get("logprobs")
+        top_k = top_k if isinstance(top_k, int) and top_k >= 0 else 0
+        choices = []
+        for index, prompt in enumerate(prompts):
+            self._record({"key": text_key(prompt), "seed": request.get("seed"), "endpoint": "completions",
+                          "t": time.time()})
+            tokens = re.findall(r"\s*\S+", prompt) + [" so"][:max_tokens]
+            logprobs = self._logprobs(tokens, top_k, self.behaviour.logprob_noise)
+            found = self._option_index.get(text_key(prompt))
+            if found:
+                key, entry, option = found
+                picked = entry.letters.index(self._oracle_answer(entry, key, None))
+                for i, offset in enumerate(logprobs["text_offset"][:-1]):
+                    if offset >= entry.context_chars:
+                        logprobs["token_logprobs"][i] = -0.1 if option == picked else -3.0 - _unit("lp", key, i)
+            choices.append({"index": index, "text": "".join(tokens), "logprobs": logprobs, "finish_reason": "length"})
+        prompt_tokens = sum(_count_tokens(p) for p in prompts)
+        return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
+                "model": self.behaviour.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(prompts),
+                          "total_tokens": prompt_tokens + len(prompts)}}
 
     @staticmethod
     def _logprobs(tokens: list[str], top_k: int, noise: float) -> dict[str, Any]:
@@ -478,8 +521,10 @@ def answer_key_for_plans(plans: list[Any]) -> dict[str, AnswerKeyEntry]:
     for plan in plans:
         for r in plan.requests:
             user = next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
-            key[text_key(user)] = AnswerKeyEntry(gold=r.gold, answer_type=plan.card.scoring.answer_type,
-                                                letters=r.letters, question=f"{r.task}/{r.question_id}")
+            key[text_key(user)] = AnswerKeyEntry(
+                gold=r.gold, answer_type=plan.card.scoring.answer_type, letters=r.letters,
+                question=f"{r.task}/{r.question_id}", context_chars=len(user),
+                continuation_keys=[text_key(user + c) for c in r.continuations])
     return key
 
 
