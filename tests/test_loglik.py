@@ -77,6 +77,14 @@ def test_a_cloze_card_may_leave_the_options_out_of_the_prompt() -> None:
 TASKS = [{"task": "mmlu_loglik", "limit": 24}, {"task": "gpqa_diamond_loglik", "limit": 8}]
 
 
+def _run_against(server: FakeServer, config: Path):
+    """Point the config's candidate at the fake server and run it through the CLI."""
+    data = yaml.safe_load(config.read_text())
+    data["candidate"]["base_url"] = server.base_url
+    config.write_text(yaml.safe_dump(data))
+    return run_cli("run", str(config))
+
+
 @needs_shared_data
 def test_loglikelihood_tasks_run_end_to_end_one_record_per_question(tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.yaml", "http://127.0.0.1:1/v1", TASKS)
@@ -85,10 +93,7 @@ def test_loglikelihood_tasks_run_end_to_end_one_record_per_question(tmp_path: Pa
     request = plans[1].requests[0]
     assert request.continuations == (" (A)", " (B)", " (C)", " (D)")
     with FakeServer({"answer_key": answer_key_for_plans(plans), "accuracy": 0.5}) as server:
-        data = yaml.safe_load(config.read_text())
-        data["candidate"]["base_url"] = server.base_url
-        config.write_text(yaml.safe_dump(data))
-        result = run_cli("run", str(config))
+        result = _run_against(server, config)
         assert result.exit_code == 0, result.output
         sent = [r for r in server.requests if r["endpoint"] == "completions"]
     assert len(sent) == 4 * (24 + 8)  # one prompt per option, nothing generated beyond one token
@@ -112,10 +117,7 @@ def test_an_oracle_that_always_knows_scores_every_question(tmp_path: Path) -> No
     config = write_config(tmp_path / "run.yaml", "http://127.0.0.1:1/v1", TASKS[:1])
     _, plans = plan_from_config(config)
     with FakeServer({"answer_key": answer_key_for_plans(plans), "accuracy": 1.0}) as server:
-        data = yaml.safe_load(config.read_text())
-        data["candidate"]["base_url"] = server.base_url
-        config.write_text(yaml.safe_dump(data))
-        result = run_cli("run", str(config))
+        result = _run_against(server, config)
     assert result.exit_code == 0, result.output
     run_dir = Path(result.output.strip().splitlines()[-1])
     assert json.loads((run_dir / "candidate" / "summary.json").read_text())["tasks"]["mmlu_loglik"]["accuracy"] == 1.0
