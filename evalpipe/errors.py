@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """A mistake in the input (config, task, data): exit code 2, nothing written."""
-
-    exit_code = 2
+# A mistake in the input (config, task, data): exit code 2, nothing written. The class is the runtime's, so that
+# a runtime error (a CheckpointError from `evalpipe serve`, say) is a UserError here too; runtime never imports evalpipe.
+from runtime.errors import UserError
 
 
 class EndpointError(UserError):

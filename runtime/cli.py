@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from runtime.console import setup_logging, user_errors
 from runtime.errors import CheckpointError
 
 
@@ -22,12 +23,6 @@ class Scheme(str, Enum):
 class Preset(str, Enum):
     tiny = "tiny"
     r1 = "r1"
-
-
-def _setup_logging() -> None:
-    from evalpipe.orchestrator_cli import setup_logging
-
-    setup_logging(verbose=False)
 
 
 def quantize_command(
@@ -45,7 +40,7 @@ def quantize_command(
 
     if not in_dir.is_dir():
         raise CheckpointError(f"IN_DIR {in_dir} is not a directory")
-    _setup_logging()
+    setup_logging(verbose=False)
     with Progress(transient=True) as progress:
         task = progress.add_task("writing tensors", total=None)
         quantize_checkpoint(
@@ -65,7 +60,7 @@ def build_command(
 
     if name != DEMO_NAME:
         raise CheckpointError(f"unknown model {name!r} (available: {DEMO_NAME})")
-    _setup_logging()
+    setup_logging(verbose=False)
     paths = build_demo_models(out, force=force)
     for variant, path in paths.items():
         typer.echo(f"{variant}\t{path}")
@@ -111,14 +106,12 @@ def synth_command(
                 f"--tokenizer-from {tokenizer_from}: the tokenizer has {tokens} tokens but vocab_size is "
                 f"{shape.vocab_size}; pass --vocab-size {tokens}"
             )
-    _setup_logging()
+    setup_logging(verbose=False)
     write_synthetic_deepseek_fp8(out_dir, shape, seed=seed, device=device, tokenizer_from=tokenizer_from)
     typer.echo(str(out_dir))
 
 
 def register(app: typer.Typer) -> None:
-    from evalpipe.orchestrator_cli import user_errors
-
     model_app = typer.Typer(help="Build the models evalpipe ships and synthetic test checkpoints.", no_args_is_help=True)
     app.command("quantize")(user_errors(quantize_command))
     model_app.command("build")(user_errors(build_command))

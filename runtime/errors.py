@@ -1,6 +1,14 @@
-"""Errors a user can cause (bad checkpoint, bad option): callers show the message, not a traceback."""
+"""Errors a user can cause (bad checkpoint, bad option): callers show the message, not a traceback.
 
-from evalpipe.errors import UserError
+`UserError` is the base of every such error in both packages: evalpipe's errors derive from it too
+(evalpipe.errors re-exports it), so one handler (runtime.console.user_errors) serves every command.
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: the CLI prints `error: <message>` on one line and exits with `exit_code`."""
+
+    exit_code = 2
 
 
 class CheckpointError(UserError, ValueError):

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import uvicorn
 
-from evalpipe.errors import UserError
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.model_runner import ModelRunner
 from runtime.config import CommonConfig
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, UserError
 from runtime.model_api import CausalLM
 from runtime.parallel import SINGLE, ParallelContext
 from runtime.server.app import create_app

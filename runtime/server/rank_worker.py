@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from evalpipe.errors import UserError
+from runtime.errors import UserError
 
 log = logging.getLogger("runtime.server.rank_worker")
 

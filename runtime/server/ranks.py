@@ -29,9 +29,9 @@ from datetime import timedelta
 
 import torch
 
-from evalpipe.errors import UserError
 from runtime.engine.model_runner import ModelRunner
 from runtime.engine.tp_runner import RankFailedError, StepChannel, TPModelRunner
+from runtime.errors import UserError
 from runtime.parallel import ParallelContext, TorchDistributedComm
 from runtime.server.launch import ServeOptions
 
