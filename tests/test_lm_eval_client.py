@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from runtime.models import load_model
-from runtime.server.launch import EngineOptions
+from runtime.server.options import EngineOptions
 from runtime.testing.checkpoints import TransformersReference
 from runtime.testing.local_server import local_server
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from runtime.demo_model import demo_model_path
 from runtime.models import load_model
-from runtime.server.launch import EngineOptions
+from runtime.server.options import EngineOptions
 from runtime.server.tokenizer import render_chat
 from runtime.testing.checkpoints import TransformersReference
 from runtime.testing.local_server import local_server

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from runtime.models import load_model
-from runtime.server.launch import EngineOptions
+from runtime.server.options import EngineOptions
 from runtime.server.tokenizer import render_chat
 from runtime.testing.checkpoints import TransformersReference
 from runtime.testing.local_server import local_server

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from runtime.models import load_model
-from runtime.server.launch import EngineOptions
+from runtime.server.options import EngineOptions
 from runtime.testing.local_server import local_server
 
 CLI = [sys.executable, "-c", "from evalpipe.cli import main; main()", "serve"]

@@ -55,7 +55,8 @@ def serve(
                                        "output does not depend on the other requests in the batch (slower)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
-    from runtime.server.launch import ServeOptions, run_server  # heavy imports only when serving
+    from runtime.server.launch import run_server  # heavy imports only when serving
+    from runtime.server.options import ServeOptions
 
     setup_logging(verbose=False)
     run_server(ServeOptions(

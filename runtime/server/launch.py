@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import uvicorn
@@ -23,28 +20,17 @@ from runtime.errors import CheckpointError, UserError
 from runtime.model_api import CausalLM
 from runtime.parallel import SINGLE, ParallelContext
 from runtime.server.app import create_app
+from runtime.server.options import EngineOptions, ServeOptions
+from runtime.server.ranks import RankGroup
 from runtime.server.reasoning import PARSERS
 from runtime.server.serving import ServerState
 from runtime.server.tokenizer import eos_token_ids, load_tokenizer
-
-if TYPE_CHECKING:
-    from runtime.server.ranks import RankGroup
 
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 # A loop blocked in a collective with a dead rank never returns; shutting down does not wait for it.
 _ENGINE_STOP_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    max_model_len: int  # longest prompt + output; lowered to the KV capacity when that is smaller
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_gib: float | None = None  # None: 2 GiB on CPU, 80% of free memory on a GPU
-    deterministic: bool = False  # batch-invariant numerics and scheduling (runtime.batch_invariant)
 
 
 def _kv_budget_bytes(options: EngineOptions, device: torch.device) -> int:
@@ -100,41 +86,6 @@ def build_state(engine: LLMEngine, model_name: str, api_key: str | None = None,
                        reasoning=PARSERS[reasoning_parser] if reasoning_parser else None)
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """Everything `evalpipe serve` takes."""
-
-    model_dir: Path
-    quantization: str = "auto"
-    moe_backend: str = "auto"
-    dtype: str = "bfloat16"
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    served_model_name: str | None = None  # default: the model directory's name
-    max_model_len: int | None = None  # default: max_position_embeddings of config.json
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_cache_gib: float | None = None
-    reasoning_parser: str | None = None
-    tp: int = 1  # tensor-parallel ranks, one process each
-    moe_parallel: str = "tp"  # routed experts: "tp" (intermediate dimension sharded) or "ep" (experts partitioned)
-    deterministic: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
-
-    @classmethod
-    def from_json(cls, text: str) -> "ServeOptions":
-        fields = json.loads(text)
-        return cls(**{**fields, "model_dir": Path(fields["model_dir"])})
-
-    def engine_options(self, config: CommonConfig) -> EngineOptions:
-        return EngineOptions(max_model_len=self.max_model_len or config.max_position_embeddings,
-                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic)
-
-
 def load_served_model(options: ServeOptions, parallel: ParallelContext, device: torch.device
                       ) -> tuple[CausalLM, CommonConfig]:
     """This rank's shard of the served checkpoint (every rank loads through here)."""
@@ -163,8 +114,6 @@ def run_server(options: ServeOptions) -> None:
         engine = _engine(model, config, tokenizer, options, device)
         _serve(engine, options)
         return
-    from runtime.server.ranks import RankGroup
-
     with RankGroup.launch(options) as ranks:
         model, config = load_served_model(options, ranks.parallel, ranks.device)
         num_blocks = ranks.start_collectives(_local_kv_blocks(model, options, config, ranks.device))
@@ -190,7 +139,7 @@ def _engine(model: CausalLM, config: CommonConfig, tokenizer: Any, options: Serv
         raise UserError(str(exc)) from None
 
 
-def _serve(engine: LLMEngine, options: ServeOptions, ranks: "RankGroup | None" = None) -> None:
+def _serve(engine: LLMEngine, options: ServeOptions, ranks: RankGroup | None = None) -> None:
     state = build_state(engine, options.served_model_name or options.model_dir.name, options.api_key,
                         options.reasoning_parser)
     if ranks is not None:

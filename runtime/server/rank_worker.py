@@ -36,7 +36,8 @@ def run_rank(options_json: str, rank: int, store_port: int) -> int:
 
     from runtime.engine.model_runner import ModelRunner
     from runtime.engine.tp_runner import serve_steps
-    from runtime.server.launch import ServeOptions, kv_cache_blocks, load_served_model
+    from runtime.server.launch import kv_cache_blocks, load_served_model
+    from runtime.server.options import ServeOptions
     from runtime.server.ranks import STORE_HOST, STORE_TIMEOUT, join_collectives, parallel_context, rank_device
 
     options = ServeOptions.from_json(options_json)

@@ -33,7 +33,7 @@ from runtime.engine.model_runner import ModelRunner
 from runtime.engine.tp_runner import RankFailedError, StepChannel, TPModelRunner
 from runtime.errors import UserError
 from runtime.parallel import ParallelContext, TorchDistributedComm
-from runtime.server.launch import ServeOptions
+from runtime.server.options import ServeOptions
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import uvicorn
 
 from runtime.model_api import CausalLM
 from runtime.server.app import create_app
-from runtime.server.launch import EngineOptions, build_engine, build_state
+from runtime.server.launch import build_engine, build_state
+from runtime.server.options import EngineOptions
 
 
 @contextmanager
