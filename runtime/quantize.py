@@ -32,7 +32,7 @@ from runtime.loader import EXPERT_NAME, INDEX_FILE, CheckpointReader, Checkpoint
 from runtime.models import MODEL_FAMILIES
 from runtime.parallel import SINGLE
 from runtime.quant import numerics as nx
-from runtime.quant.base import detect_quantization
+from runtime.quant.schemes import detect_quantization
 from runtime.quant.bf16 import Bf16Config
 
 log = logging.getLogger(__name__)

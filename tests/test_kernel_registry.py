@@ -1,11 +1,10 @@
-"""The kernel backends plug into runtime.backends: names, availability on CPU, and prepare() results."""
+"""The kernel backends are listed in runtime.backends: names, availability on CPU, and prepare() results."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import runtime.quant.w4afp8  # noqa: F401  (registers the torch reference backend)
 from runtime import backends
 from runtime.errors import CheckpointError
 from runtime.kernels.moe_shapes import MoEShape, random_experts
@@ -30,7 +29,7 @@ def test_prepare_returns_replacement_tensors_by_run_argument_name(name):
         pytest.importorskip("triton", reason="Triton is not installed (pip install triton==3.6.0 to run this)")
     shape = MoEShape("t", 2, 2, 2, 128, 64, 64)
     w13, w2, s13, s2 = random_experts(shape, "cpu", torch.Generator().manual_seed(0))
-    backend = backends._REGISTRY[("moe.w4afp8", name)]
+    backend = backends.BACKENDS[("moe.w4afp8", name)]
     prepared = backend.prepare(w13=w13, w2=w2, w13_scale=s13.to(torch.bfloat16), w2_scale=s2.to(torch.bfloat16))
     assert set(prepared) == {"w13", "w2", "w13_scale", "w2_scale"}
     assert all(t.dtype != torch.float32 for t in prepared.values())  # scales are served as bf16

@@ -100,7 +100,7 @@ def test_wrong_dtype_and_unsplittable_shapes_are_errors(mixtral, w4, tmp_path):
 
 
 def test_backend_selection_and_prepare(w4, monkeypatch):
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
     calls = []
 
     def prepare(w13, w2, w13_scale, w2_scale):

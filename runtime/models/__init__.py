@@ -15,7 +15,7 @@ from runtime.models.base import CausalLMBase
 from runtime.models.deepseek_v3 import DeepseekV3ForCausalLM
 from runtime.models.gqa_moe import GqaMoeForCausalLM
 from runtime.parallel import SINGLE, ParallelContext
-from runtime.quant.base import resolve_quant_config
+from runtime.quant.schemes import resolve_quant_config
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The quantization-method interface (SGLang style) and the registry of quantization schemes.
+"""The quantization-method interface (SGLang style); runtime.quant.schemes lists the schemes by name.
 
 A scheme (`QuantConfig`) hands each layer a method. A method creates the layer's parameters at their per-rank
 shapes, tagging each with how it is sharded (`output_dim` / `input_dim`: the tensor dimension that tensor
@@ -9,7 +9,6 @@ converts them to the compute layout, and `apply` runs the layer.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from runtime.errors import CheckpointError
 
 if TYPE_CHECKING:
     from runtime.loader import CheckpointReader
@@ -134,63 +132,6 @@ class QuantConfig(ABC):
 
     @abstractmethod
     def moe_method(self, prefix: str) -> MoEMethod: ...
-
-
-QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
-
-
-def register_quantization(cls: type[QuantConfig]) -> type[QuantConfig]:
-    QUANT_CONFIGS[cls.name] = cls
-    return cls
-
-
-def read_hf_quant_config(model_dir: Path) -> dict | None:
-    path = Path(model_dir) / "hf_quant_config.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def detect_quantization(model_dir: Path, hf_config: dict) -> str:
-    """The scheme a checkpoint is stored in, the way SGLang decides it.
-
-    config.json `quantization_config` wins; without it, hf_quant_config.json with quantization.quant_algo
-    MIXED_PRECISION (and no per-layer `quantized_layers` map) is SGLang's DeepSeek-R1-W4AFP8 format.
-    """
-    qc = hf_config.get("quantization_config")
-    if qc is not None:
-        method = qc.get("quant_method") if isinstance(qc, dict) else None
-        if method == "fp8":
-            return "fp8"
-        if method == "w4afp8":
-            return "w4afp8"
-        raise CheckpointError(f"config.json: quantization_config.quant_method {method!r} is not supported (supported: fp8, w4afp8)")
-    hq = read_hf_quant_config(model_dir)
-    if hq is not None:
-        quant = hq.get("quantization") or {}
-        algo = quant.get("quant_algo")
-        if algo == "MIXED_PRECISION" and not quant.get("quantized_layers"):
-            return "w4afp8"
-        if algo is not None:
-            raise CheckpointError(f"hf_quant_config.json: quantization.quant_algo {algo!r} is not supported (supported: MIXED_PRECISION)")
-    return "bf16"
-
-
-def resolve_quant_config(model_dir: Path, hf_config: dict, reader: "CheckpointReader", requested: str = "auto", **options) -> QuantConfig:
-    """The QuantConfig for a checkpoint; an explicit `requested` scheme must match what the checkpoint holds."""
-    import runtime.quant.bf16  # noqa: F401  (registration)
-    import runtime.quant.fp8  # noqa: F401
-    import runtime.quant.w4afp8  # noqa: F401
-
-    detected = detect_quantization(model_dir, hf_config)
-    if requested not in ("auto", *QUANT_CONFIGS):
-        raise CheckpointError(f"quantization {requested!r} is unknown (choose auto, {', '.join(QUANT_CONFIGS)})")
-    if requested != "auto" and requested != detected:
-        raise CheckpointError(f"quantization {requested!r} requested, but {model_dir} holds a {detected} checkpoint")
-    return QUANT_CONFIGS[detected].from_checkpoint(Path(model_dir), hf_config, reader, **options)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

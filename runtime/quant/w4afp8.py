@@ -10,65 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends import on_cpu, register_backend, select_backend
+from runtime.backends import select_backend
 from runtime.errors import CheckpointError
 from runtime.loader import EXPERT_NAME
 from runtime.quant import numerics as nx
-from runtime.quant.base import (
-    MoEMethod,
-    QuantConfig,
-    batched_expert_moe,
-    new_param,
-    prepare_backend,
-    register_quantization,
-    replace_param,
-)
+from runtime.quant.base import MoEMethod, QuantConfig, new_param, prepare_backend, replace_param
 from runtime.quant.faults import plant_w4afp8_faults
 from runtime.quant.fp8 import Fp8BlockLinearMethod
-
-
-def _w4afp8_moe_cached(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                       expert_offset=0, w13_values=None, w2_values=None):
-    return nx.w4afp8_moe_ref(x, w13_values, w2_values, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
-
-
-def _unpack_experts(w13, w2, w13_scale, w2_scale) -> dict:
-    return {"w13_values": nx.unpack_int4(w13).float(), "w2_values": nx.unpack_int4(w2).float()}
-
-
-def _w4afp8_experts(x, f13, f2, a1, a2) -> torch.Tensor:
-    """Every expert (f13 [E, 2I, H], f2 [E, H, I]: int4 values times their bf16 group scales, fp32) on every row
-    of x: [E, M, H] bf16. w4afp8_moe_ref's math, except that each GEMM sums over K at once instead of per group."""
-    e, two_i, h = f13.shape
-    xq = nx.quantize_fp8_static(x.to(torch.bfloat16), a1).float()
-    gate_up = (a1 * (xq @ f13.reshape(e * two_i, h).t())).to(torch.bfloat16).view(-1, e, two_i)
-    act = torch.nn.functional.silu(gate_up[..., : two_i // 2].float()) * gate_up[..., two_i // 2 :].float()
-    yq = nx.quantize_fp8_static(act, a2).float()
-    return (a2 * torch.bmm(yq.transpose(0, 1), f2.transpose(1, 2))).to(torch.bfloat16)
-
-
-def _w4afp8_moe_batched(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                        expert_offset=0, w13_dequantized=None, w2_dequantized=None):
-    a1, a2 = a1.float(), a2.float()
-    return batched_expert_moe(
-        x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
-        lambda rows, sel: _w4afp8_experts(rows, w13_dequantized[sel], w2_dequantized[sel], a1, a2), torch.bfloat16,
-    )
-
-
-def _dequantize_experts(w13, w2, w13_scale, w2_scale) -> dict:
-    return {"w13_dequantized": nx.dequantize_w4_groupwise(w13, w13_scale.to(torch.bfloat16)),
-            "w2_dequantized": nx.dequantize_w4_groupwise(w2, w2_scale.to(torch.bfloat16))}
-
-
-register_backend("moe.w4afp8", "torch", nx.w4afp8_moe_ref, batch_invariant=True)
-# The reference on int4 values unpacked once at load (fp32 copies), bit-identical results, for CPU speed.
-register_backend("moe.w4afp8", "cached", _w4afp8_moe_cached, prepare=_unpack_experts, available=on_cpu, priority=10,
-                 batch_invariant=True)
-# Weights dequantized once (fp32), experts batched (runtime.quant.base.batched_expert_moe); equal to the reference
-# up to fp32 summation order.
-register_backend("moe.w4afp8", "batched", _w4afp8_moe_batched, prepare=_dequantize_experts, available=on_cpu,
-                 priority=20, batch_invariant=True)
 
 
 class W4AFp8MoEMethod(MoEMethod):
@@ -133,7 +81,6 @@ def infer_group_size(reader) -> int:
     raise CheckpointError(f"{reader.model_dir}: w4afp8 checkpoint without routed-expert weights")
 
 
-@register_quantization
 class W4AFp8Config(QuantConfig):
     name = "w4afp8"
 

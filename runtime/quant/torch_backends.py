@@ -1,0 +1,147 @@
+"""The quantized operations in plain torch: the references of bf16 and FP8 experts (the W4AFP8 experts' and the
+FP8 linear's are in runtime.quant.numerics) and the CPU variants that compute the same math faster, with
+weights unpacked or dequantized once at load (`prepare`) and experts batched. runtime.backends lists them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.quant import numerics as nx
+from runtime.quant.base import batched_expert_moe, routed_tokens, silu_and_mul
+
+
+def bf16_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    routed_scaling_factor: float = 1.0,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """Routed experts in the weights' dtype: GEMMs in x.dtype, SwiGLU and the top-k combine in fp32."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e, token_idx, slot in routed_tokens(topk_ids, expert_offset, w13.shape[0]):
+        h = F.linear(x[token_idx], w13[e])
+        act = silu_and_mul(h[:, :inter], h[:, inter:])
+        z = F.linear(act, w2[e])
+        out.index_add_(0, token_idx, topk_weights[token_idx, slot].float().unsqueeze(-1) * z.float())
+    return (routed_scaling_factor * out).to(x.dtype)
+
+
+def _bf16_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every expert of w13 [E, 2I, H] / w2 [E, H, I] on every row of x: [E, M, H] in x.dtype."""
+    e, two_i, h = w13.shape
+    gate_up = F.linear(x, w13.reshape(e * two_i, h)).view(-1, e, two_i)
+    act = silu_and_mul(gate_up[..., : two_i // 2], gate_up[..., two_i // 2 :])
+    return torch.bmm(act.transpose(0, 1), w2.transpose(1, 2))
+
+
+def bf16_moe_batched(x, w13, w2, topk_ids, topk_weights, routed_scaling_factor=1.0, expert_offset=0):
+    """bf16_moe_ref's math with the experts batched (runtime.quant.base.batched_expert_moe)."""
+    return batched_expert_moe(x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+                              lambda rows, sel: _bf16_experts(rows, w13[sel], w2[sel]), x.dtype)
+
+
+def dequantize_fp8_expert(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                          block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FP8-block expert as fp32 (w13 [2I, H], w2 [H, I]); the gate and up halves have their own blocks."""
+    inter, half = w13.shape[0] // 2, w13_scale.shape[0] // 2
+    gate = nx.dequantize_fp8_block(w13[:inter], w13_scale[:half], block)
+    up = nx.dequantize_fp8_block(w13[inter:], w13_scale[half:], block)
+    return torch.cat((gate, up)), nx.dequantize_fp8_block(w2, w2_scale, block)
+
+
+def fp8_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    routed_scaling_factor: float = 1.0,
+    expert_offset: int = 0,
+    block: tuple[int, int] = (nx.FP8_BLOCK, nx.FP8_BLOCK),
+    dequantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """FP8-block routed experts: each GEMM as numerics.fp8_block_linear_ref (dynamic 1 x 128 activations),
+    SwiGLU and the combine in fp32. `dequantized`: the fp32 expert weights if a backend cached them."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e, token_idx, slot in routed_tokens(topk_ids, expert_offset, w13.shape[0]):
+        if dequantized is None:
+            d13, d2 = dequantize_fp8_expert(w13[e], w13_scale[e], w2[e], w2_scale[e], block)
+        else:
+            d13, d2 = dequantized[0][e], dequantized[1][e]
+        h = nx.fp8_block_linear_dequantized(x[token_idx], d13, block=block, out_dtype=x.dtype)
+        z = nx.fp8_block_linear_dequantized(silu_and_mul(h[:, :inter], h[:, inter:]), d2, block=block, out_dtype=x.dtype)
+        out.index_add_(0, token_idx, topk_weights[token_idx, slot].float().unsqueeze(-1) * z.float())
+    return (routed_scaling_factor * out).to(x.dtype)
+
+
+def dequantize_fp8_experts(w13, w2, w13_scale, w2_scale, block) -> dict:
+    pairs = [dequantize_fp8_expert(w13[e], w13_scale[e], w2[e], w2_scale[e], block) for e in range(w13.shape[0])]
+    return {"dequantized": (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))}
+
+
+def _fp8_experts(x: torch.Tensor, d13: torch.Tensor, d2: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Every dequantized FP8 expert (d13 [E, 2I, H], d2 [E, H, I] fp32) on every row of x: [E, M, H] in x.dtype,
+    with fp8_moe_ref's activation quantization (per token and 1 x block[1] group, per expert for GEMM2)."""
+    e, two_i, h = d13.shape
+    gate_up = nx.fp8_block_linear_dequantized(x, d13.reshape(e * two_i, h), block=block, out_dtype=x.dtype)
+    gate_up = gate_up.view(-1, e, two_i)
+    act = nx.fp8_per_token_group_roundtrip(silu_and_mul(gate_up[..., : two_i // 2], gate_up[..., two_i // 2 :]), block[1])
+    return torch.bmm(act.transpose(0, 1), d2.transpose(1, 2)).to(x.dtype)
+
+
+def fp8_moe_batched(x, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                    expert_offset=0, block=(nx.FP8_BLOCK, nx.FP8_BLOCK), dequantized=None):
+    d13, d2 = dequantized
+    return batched_expert_moe(x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+                              lambda rows, sel: _fp8_experts(rows, d13[sel], d2[sel], block), x.dtype)
+
+
+def fp8_linear_cached(x, weight, weight_scale_inv, bias=None, block=(nx.FP8_BLOCK, nx.FP8_BLOCK), out_dtype=torch.bfloat16, weight_dequantized=None):
+    return nx.fp8_block_linear_dequantized(x, weight_dequantized, bias, block, out_dtype)
+
+
+def dequantize_fp8_linear(weight, weight_scale_inv, block) -> dict:
+    return {"weight_dequantized": nx.dequantize_fp8_block(weight, weight_scale_inv, block)}
+
+
+def w4afp8_moe_cached(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                      expert_offset=0, w13_values=None, w2_values=None):
+    return nx.w4afp8_moe_ref(x, w13_values, w2_values, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+
+
+def unpack_w4afp8_experts(w13, w2, w13_scale, w2_scale) -> dict:
+    return {"w13_values": nx.unpack_int4(w13).float(), "w2_values": nx.unpack_int4(w2).float()}
+
+
+def _w4afp8_experts(x, f13, f2, a1, a2) -> torch.Tensor:
+    """Every expert (f13 [E, 2I, H], f2 [E, H, I]: int4 values times their bf16 group scales, fp32) on every row
+    of x: [E, M, H] bf16. w4afp8_moe_ref's math, except that each GEMM sums over K at once instead of per group."""
+    e, two_i, h = f13.shape
+    xq = nx.quantize_fp8_static(x.to(torch.bfloat16), a1).float()
+    gate_up = (a1 * (xq @ f13.reshape(e * two_i, h).t())).to(torch.bfloat16).view(-1, e, two_i)
+    act = torch.nn.functional.silu(gate_up[..., : two_i // 2].float()) * gate_up[..., two_i // 2 :].float()
+    yq = nx.quantize_fp8_static(act, a2).float()
+    return (a2 * torch.bmm(yq.transpose(0, 1), f2.transpose(1, 2))).to(torch.bfloat16)
+
+
+def w4afp8_moe_batched(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                       expert_offset=0, w13_dequantized=None, w2_dequantized=None):
+    a1, a2 = a1.float(), a2.float()
+    return batched_expert_moe(
+        x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+        lambda rows, sel: _w4afp8_experts(rows, w13_dequantized[sel], w2_dequantized[sel], a1, a2), torch.bfloat16,
+    )
+
+
+def dequantize_w4afp8_experts(w13, w2, w13_scale, w2_scale) -> dict:
+    return {"w13_dequantized": nx.dequantize_w4_groupwise(w13, w13_scale.to(torch.bfloat16)),
+            "w2_dequantized": nx.dequantize_w4_groupwise(w2, w2_scale.to(torch.bfloat16))}
