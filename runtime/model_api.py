@@ -31,6 +31,10 @@ class KVCacheSpec:
         return self.num_layers * n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    return [torch.zeros(num_blocks * block_size, *spec.token_shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+
+
 @dataclass
 class ForwardBatch:
     """One engine step over B sequences; the T new tokens of all sequences are concatenated in order."""

@@ -7,11 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from runtime.model_api import CausalLM, ForwardBatch, KVCacheSpec
-
-
-def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    return [torch.zeros(num_blocks * block_size, *spec.token_shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+from runtime.model_api import CausalLM, ForwardBatch, allocate_kv_caches
 
 
 class SingleSequence:

@@ -64,7 +64,8 @@ def test_batched_and_mixed_steps_match_single_sequences(tiny):
     """Several sequences in one ForwardBatch (different lengths, a decode next to a prefill chunk, padded block
     tables) give each sequence the logits it gets alone."""
     from runtime.model_api import ForwardBatch
-    from runtime.standalone import allocate_kv_caches, prefill_batch
+    from runtime.model_api import allocate_kv_caches
+    from runtime.standalone import prefill_batch
 
     path, _ = tiny
     model, _ = load_model(path, dtype="float32")

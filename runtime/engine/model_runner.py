@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.batch_invariant import batch_invariant_mode
-from runtime.model_api import CausalLM, ForwardBatch
-from runtime.standalone import allocate_kv_caches
+from runtime.model_api import CausalLM, ForwardBatch, allocate_kv_caches
 
 # Prompt-logprob rows turned into logits at once: bounds the [rows, vocab] fp32 temporary.
 _PROMPT_LOGPROB_ROWS_PER_CHUNK = 256
