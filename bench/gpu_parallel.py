@@ -4,7 +4,7 @@
     python bench/gpu_parallel.py --out DIR --device cpu --shape tiny     # the same on a CPU (gloo), to try it
 
 1. Equivalence: a synthetic DeepSeek-R1-width checkpoint (hidden 7168, 128 MLA heads, moe_intermediate 2048,
-   vocab 129280; runtime.synthetic) with a few layers, in FP8 and quantized to W4AFP8; 16 random prompts with 8
+   vocab 129280; runtime.tools.synthetic) with a few layers, in FP8 and quantized to W4AFP8; 16 random prompts with 8
    greedy tokens each at tp=1 (one process) and at tp=2 (two processes), routed experts in the TP and EP layouts,
    bf16 activations as served, torch backends. Reported per case: logits difference on the prompts (same inputs
    on both sides), arg-max agreement there, identical greedy continuations; W4AFP8 also against a tp=1 run given
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
-from runtime.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
 from runtime.testing import batch_invariance as bi
 from runtime.testing.tp_equivalence import Case, case_outputs, run_ranks, with_rank_experts
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
 
 NEW_TOKENS = 8
 

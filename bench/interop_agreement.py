@@ -118,7 +118,7 @@ def main() -> None:
         config_path.write_text(yaml.safe_dump(config))
         _, plans = plan_from_config(config_path)
         if args.demo:
-            from runtime.demo_model import demo_model_path  # the runtime is needed in this mode only
+            from runtime.tools.demo_model import demo_model_path  # the runtime is needed in this mode only
 
             server = stack.enter_context(evalpipe_serve(
                 "--model", str(demo_model_path("bf16")), "--served-model-name", "demo", "--max-model-len", "4096",

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from runtime.demo_model import VARIANTS, demo_model_path
 from runtime.models import load_model
-from runtime.standalone import SingleSequence
+from runtime.tools.demo_model import VARIANTS, demo_model_path
+from runtime.tools.standalone import SingleSequence
 
 
 def measure(variant: str, backend: str, prompt: int, steps: int) -> dict:

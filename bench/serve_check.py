@@ -32,10 +32,10 @@ from evalpipe.divergence import KL_APPROXIMATION, score_sequence, summarize
 from evalpipe.launch import launched_sides
 from evalpipe.probe import Generation, build_item, scored_positions
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
 from runtime.server.tokenizer import load_tokenizer, render_chat
-from runtime.standalone import prompt_logits
-from runtime.synthetic import R1_SHAPE, copy_tokenizer_files, write_synthetic_deepseek_fp8, write_tiny_hf_model
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import prompt_logits
+from runtime.tools.synthetic import R1_SHAPE, copy_tokenizer_files, write_synthetic_deepseek_fp8, write_tiny_hf_model
 
 QUESTIONS = [
     "Explain why the sky is blue in two sentences.", "What is 17 times 23? Show the steps.",

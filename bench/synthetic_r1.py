@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
-from runtime.standalone import SingleSequence
-from runtime.synthetic import R1_SHAPE, write_synthetic_deepseek_fp8
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import SingleSequence
+from runtime.tools.synthetic import R1_SHAPE, write_synthetic_deepseek_fp8
 
 
 def dir_gib(path: Path) -> float:

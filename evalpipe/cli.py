@@ -9,8 +9,8 @@ import typer
 
 from evalpipe import calibrate_cli, compare_cli, orchestrator_cli
 from evalpipe.interop import cli as interop_cli
-from runtime import cli as runtime_cli
 from runtime.server import cli as serve_cli
+from runtime.tools import cli as runtime_cli
 
 app = typer.Typer(
     name="evalpipe",

@@ -63,10 +63,10 @@ DEMO_PREFIX = "demo:"
 
 def resolve_model(model: str) -> str:
     """`demo:VARIANT` (bf16, fp8, w4afp8) is the embedded demo model, built on first use and cached
-    (runtime.demo_model); anything else is a path (`~` expanded) or, for sglang / vllm, a hub id."""
+    (runtime.tools.demo_model); anything else is a path (`~` expanded) or, for sglang / vllm, a hub id."""
     if not model.startswith(DEMO_PREFIX):
         return os.path.expanduser(model)
-    from runtime.demo_model import VARIANTS, demo_model_path, variant_dir
+    from runtime.tools.demo_model import VARIANTS, demo_model_path, variant_dir
 
     variant = model[len(DEMO_PREFIX):]
     if variant not in VARIANTS:

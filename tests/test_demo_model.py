@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from runtime.demo_model import VARIANTS, demo_model_path, locate_gguf, read_gguf_llama, split_dense_mlp
 from runtime.models import load_model
-from runtime.standalone import greedy_generate, prompt_logits
+from runtime.tools.demo_model import VARIANTS, demo_model_path, locate_gguf, read_gguf_llama, split_dense_mlp
+from runtime.tools.standalone import greedy_generate, prompt_logits
 
 
 def test_split_mlp_with_uniform_router_equals_the_dense_mlp():

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from runtime.batch_invariant import batch_invariant_mode
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
-from runtime.synthetic import write_synthetic_deepseek_fp8
 from runtime.testing.batch_invariance import NUM_TARGETS, alone_and_busy
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.synthetic import write_synthetic_deepseek_fp8
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.demo_model import demo_model_path
 from runtime.errors import CheckpointError
 from runtime.models import load_model
 from runtime.quant.faults import FAULT_ENV, Fault, faults_for, parse_faults
-from runtime.standalone import prompt_logits
+from runtime.tools.demo_model import demo_model_path
+from runtime.tools.standalone import prompt_logits
 
 
 def test_parse() -> None:

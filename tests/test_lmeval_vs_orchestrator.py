@@ -24,7 +24,7 @@ from evalpipe.runner import plan_from_config
 from evalpipe.testing.serve_process import evalpipe_serve
 from interop_helpers import needs_harness
 from orch_helpers import run_cli, write_config
-from runtime.demo_model import demo_model_path
+from runtime.tools.demo_model import demo_model_path
 
 pytestmark = [pytest.mark.slow, needs_harness("lm-eval")]
 

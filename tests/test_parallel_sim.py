@@ -8,9 +8,9 @@ import torch
 
 from runtime.models import load_model
 from runtime.parallel import ParallelContext
-from runtime.quantize import quantize_checkpoint
-from runtime.standalone import prompt_logits
-from runtime.synthetic import write_synthetic_deepseek_fp8, write_tiny_hf_model
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import prompt_logits
+from runtime.tools.synthetic import write_synthetic_deepseek_fp8, write_tiny_hf_model
 
 
 class ThreadGroup:

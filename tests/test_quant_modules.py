@@ -9,8 +9,8 @@ from quant_reference import FP8, TOL, Ckpt, ref_block_dequant, ref_dynamic_act, 
 from safetensors import safe_open
 
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
-from runtime.synthetic import write_synthetic_deepseek_fp8
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.synthetic import write_synthetic_deepseek_fp8
 
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory):
@@ -74,7 +74,7 @@ def test_w4afp8_moe_matches_dequantized_matmul(w4_dir, backend, top_k):
 
 def test_cached_backends_are_bit_identical_to_the_reference(w4_dir):
     ids = list(range(5, 45))
-    from runtime.standalone import prompt_logits
+    from runtime.tools.standalone import prompt_logits
 
     ref_model, _ = load_model(w4_dir, moe_backend="torch", linear_backend="torch")
     fast_model, _ = load_model(w4_dir, moe_backend="cached", linear_backend="cached")
@@ -129,8 +129,8 @@ def test_w4afp8_load_detects_group_size_and_expert_parallel_scales(w4_dir):
 
 
 def test_fp8_quantizer_from_bf16_round_trips(tmp_path):
-    from runtime.standalone import prompt_logits
-    from runtime.synthetic import write_tiny_hf_model
+    from runtime.tools.standalone import prompt_logits
+    from runtime.tools.synthetic import write_tiny_hf_model
 
     bf16_dir = write_tiny_hf_model(tmp_path / "bf16", "MixtralForCausalLM", hidden_size=128, intermediate_size=256, init_std=0.04)
     out = quantize_checkpoint(bf16_dir, tmp_path / "fp8", "fp8")

@@ -5,9 +5,9 @@ import torch
 from quant_reference import TOL, Ckpt, routing, w4afp8_reference
 
 from runtime.models import load_model
-from runtime.quantize import quantize_checkpoint
-from runtime.standalone import greedy_generate, prompt_logits
-from runtime.synthetic import write_synthetic_deepseek_fp8, write_tiny_hf_model
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import greedy_generate, prompt_logits
+from runtime.tools.synthetic import write_synthetic_deepseek_fp8, write_tiny_hf_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -20,9 +20,9 @@ from runtime.loader import CheckpointReader
 from runtime.models import load_model
 from runtime.parallel import ParallelContext
 from runtime.quant import numerics as nx
-from runtime.quantize import quantize_checkpoint
-from runtime.standalone import prompt_logits
-from runtime.synthetic import copy_tokenizer_files, write_synthetic_deepseek_fp8, write_tiny_hf_model
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import prompt_logits
+from runtime.tools.synthetic import copy_tokenizer_files, write_synthetic_deepseek_fp8, write_tiny_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from runtime.models import load_model
-from runtime.standalone import greedy_generate, prompt_logits
-from runtime.synthetic import write_tiny_hf_model
+from runtime.tools.standalone import greedy_generate, prompt_logits
+from runtime.tools.synthetic import write_tiny_hf_model
 
 CASES = {
     "mixtral": ("MixtralForCausalLM", {}),
@@ -65,7 +65,7 @@ def test_batched_and_mixed_steps_match_single_sequences(tiny):
     tables) give each sequence the logits it gets alone."""
     from runtime.model_api import ForwardBatch
     from runtime.model_api import allocate_kv_caches
-    from runtime.standalone import prefill_batch
+    from runtime.tools.standalone import prefill_batch
 
     path, _ = tiny
     model, _ = load_model(path, dtype="float32")

@@ -7,12 +7,12 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from runtime.demo_model import demo_model_path
 from runtime.models import load_model
 from runtime.server.options import EngineOptions
 from runtime.server.tokenizer import render_chat
 from runtime.testing.checkpoints import TransformersReference
 from runtime.testing.local_server import local_server
+from runtime.tools.demo_model import demo_model_path
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]

@@ -23,10 +23,10 @@ from torch import nn
 
 from runtime.models import load_model
 from runtime.parallel import ParallelContext
-from runtime.quantize import quantize_checkpoint
-from runtime.standalone import prompt_logits
-from runtime.synthetic import write_tiny_hf_model
 from runtime.testing.tp_equivalence import Case, case_outputs, run_ranks, with_rank_experts
+from runtime.tools.quantize import quantize_checkpoint
+from runtime.tools.standalone import prompt_logits
+from runtime.tools.synthetic import write_tiny_hf_model
 
 # Small weights (transformers' default scale): random models with large weights are chaotic under FP8 activation
 # quantization, where one e4m3 rounding flip changes later greedy choices.

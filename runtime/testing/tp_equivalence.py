@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.standalone import SingleSequence
+from runtime.tools.standalone import SingleSequence
 
 
 @dataclass(frozen=True)

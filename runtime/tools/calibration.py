@@ -20,7 +20,7 @@ from runtime.layers.moe import FusedMoE
 from runtime.models import load_model
 from runtime.quant.base import routed_tokens
 from runtime.quant.numerics import FP8_MAX
-from runtime.standalone import prefill_batch
+from runtime.tools.standalone import prefill_batch
 
 log = logging.getLogger(__name__)
 

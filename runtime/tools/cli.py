@@ -36,7 +36,7 @@ def quantize_command(
     """Quantize a checkpoint into DeepSeek's FP8 block format or SGLang's W4AFP8 format."""
     from rich.progress import Progress
 
-    from runtime.quantize import quantize_checkpoint
+    from runtime.tools.quantize import quantize_checkpoint
 
     if not in_dir.is_dir():
         raise CheckpointError(f"IN_DIR {in_dir} is not a directory")
@@ -56,7 +56,7 @@ def build_command(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the cache is current."),
 ) -> None:
     """Build the demo MoE (bf16, fp8 and w4afp8 variants) from SmolLM2-135M-Instruct; prints one directory per variant."""
-    from runtime.demo_model import DEMO_NAME, build_demo_models
+    from runtime.tools.demo_model import DEMO_NAME, build_demo_models
 
     if name != DEMO_NAME:
         raise CheckpointError(f"unknown model {name!r} (available: {DEMO_NAME})")
@@ -91,7 +91,7 @@ def synth_command(
     """Write a random DeepSeek-V3/R1-shaped checkpoint in DeepSeek's FP8 block format (for tests and kernels)."""
     from dataclasses import replace
 
-    from runtime.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
+    from runtime.tools.synthetic import R1_SHAPE, DeepseekShape, write_synthetic_deepseek_fp8
 
     shape = R1_SHAPE if preset is Preset.r1 else DeepseekShape()
     overrides = {"num_hidden_layers": layers, "first_k_dense_replace": dense_layers, "n_routed_experts": experts,

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.checkpoint_writer import ShardWriter
 from runtime.errors import CheckpointError
-from runtime.quantize import quantize_checkpoint
+from runtime.tools.checkpoint_writer import ShardWriter
+from runtime.tools.quantize import quantize_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from runtime.checkpoint_writer import ShardWriter
 from runtime.config import config_from_dict, read_hf_config
 from runtime.errors import CheckpointError
 from runtime.layers.linear import Linear
@@ -32,8 +31,9 @@ from runtime.loader import EXPERT_NAME, INDEX_FILE, CheckpointReader, Checkpoint
 from runtime.models import MODEL_FAMILIES
 from runtime.parallel import SINGLE
 from runtime.quant import numerics as nx
-from runtime.quant.schemes import detect_quantization
 from runtime.quant.bf16 import Bf16Config
+from runtime.quant.schemes import detect_quantization
+from runtime.tools.checkpoint_writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _plan(in_dir: Path, out_dir: Path, scheme: str, group_size: int, calib_sampl
 
 def _write_act_scales(job: _Job, out: Path, calib_samples: int, calib_max_len: int) -> dict[str, str]:
     """act_scales.safetensors (w1 == w3 per expert, as TRT-LLM writes them); returns its index entries."""
-    from runtime.calibration import calibrate_expert_input_scales
+    from runtime.tools.calibration import calibrate_expert_input_scales
 
     scales = calibrate_expert_input_scales(job.in_dir, calib_samples, calib_max_len, job.device)
     act = {}

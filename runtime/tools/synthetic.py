@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint_writer import ShardWriter
 from runtime.quant import numerics as nx
+from runtime.tools.checkpoint_writer import ShardWriter
 
 TINY_HF_CONFIGS: dict[str, dict] = {
     "MixtralForCausalLM": dict(
