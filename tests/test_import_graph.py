@@ -1,4 +1,5 @@
-"""The import graph of evalpipe/ and runtime/ has no circles, and runtime/ never imports evalpipe.
+"""The import graph of evalpipe/ and runtime/ has no circles, runtime/ never imports evalpipe, and the runtime's
+serving core never imports its offline tools (runtime/tools, runtime/testing).
 
 The graph is read from the source with `ast`, not by importing. Every import counts wherever it is written:
 at module level, inside a function (a lazy import still runs, and still ties the two modules together), under
@@ -156,6 +157,16 @@ def test_runtime_never_imports_evalpipe(graph):
                  for module, edges in sorted(graph.items()) if module.split(".")[0] == "runtime"
                  for target, line in sorted(edges.items()) if target.split(".")[0] == "evalpipe"]
     assert not offending, "runtime/ must not import evalpipe:\n" + "\n".join(offending)
+
+
+def test_runtime_serving_core_never_imports_its_tools(graph):
+    """runtime/tools (offline: quantizer, demo model, ...) and runtime/testing use the core, never the reverse."""
+    outside_core = ("runtime.tools", "runtime.testing")
+    offending = [f"{module} line {line} imports {target}"
+                 for module, edges in sorted(graph.items())
+                 if module.split(".")[0] == "runtime" and not module.startswith(outside_core)
+                 for target, line in sorted(edges.items()) if target.startswith(outside_core)]
+    assert not offending, "the serving core imports an offline tool:\n" + "\n".join(offending)
 
 
 def test_the_walk_finds_every_kind_of_import(tmp_path):
