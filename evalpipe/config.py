@@ -171,7 +171,7 @@ class TaskEntry(_Strict):
 
 
 class DivergenceEntry(_Strict):
-    """The teacher-forced divergence probe (evalpipe.probe): the baseline's own generations scored on both
+    """The teacher-forced divergence probe (evalpipe.divergence_probe): the baseline's own generations scored on both
     servers through /v1/completions with echo and top-k prompt logprobs."""
 
     task: Literal["divergence"]

@@ -23,10 +23,10 @@ import numpy as np
 from rich.table import Table
 
 from evalpipe.adaptive import AdaptiveDesign
+from evalpipe.comparison import SideOutcomes
 from evalpipe.config import RegistrySide, RunConfig
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig
-from evalpipe.plan import TaskPlan
 from evalpipe.operating import (
     DEFAULT_TRUNCATION,
     PATTERNS,
@@ -37,9 +37,9 @@ from evalpipe.operating import (
     shrunk_rates,
     spread_truncation,
 )
-from evalpipe.comparison import SideOutcomes
+from evalpipe.registry import StoredSide, load_registry, load_run_side, resolve_side
 from evalpipe.stats import WORST_CASE, minimum_detectable_effect, samples_needed, variance_components
-from evalpipe.stored import StoredSide, load_registry, load_run_side, resolve_side
+from evalpipe.task_plan import TaskPlan
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from evalpipe.config import RunConfig, ServedSide, TaskEntry, load_config
 from evalpipe.data import load_questions, resolve_data_dir, select_questions
 from evalpipe.errors import EndpointError, UserError
 from evalpipe.journal import JournalWriter, latest_by_key, read_journal
-from evalpipe.plan import SampleRequest, TaskPlan, build_task_plan
 from evalpipe.progress import RunProgress
 from evalpipe.records import SampleRecord, Usage
-from evalpipe.report import report_markdown, summarize_side, truncation_warnings, write_json
+from evalpipe.render.run_report import report_markdown, summarize_side, truncation_warnings, write_json
 from evalpipe.scoring import LOGLIKELIHOOD_RULE, continuation_logprob, loglikelihood_choice, score_response
+from evalpipe.task_plan import SampleRequest, TaskPlan, build_task_plan
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
     data_dir = resolve_data_dir(config.data_dir)
     plans = []
     for i, entry in enumerate(config.tasks):
-        if not isinstance(entry, TaskEntry):  # the divergence probe has no card (evalpipe.probe)
+        if not isinstance(entry, TaskEntry):  # the divergence probe has no card (evalpipe.divergence_probe)
             continue
         where = f"tasks.{i}"
         try:
@@ -400,7 +400,7 @@ class RunResult:
 
 
 # Stages of a run: given the run dir, yields the plans (cut to the requests wanted) to evaluate in turn; each is
-# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.paired_run).
+# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.adaptive_stages).
 Stages = Callable[[Path], Iterable[list[TaskPlan]]]
 
 

@@ -25,7 +25,7 @@ class Preset(str, Enum):
 
 
 def _setup_logging() -> None:
-    from evalpipe.orchestrator_cli import setup_logging
+    from evalpipe.console import setup_logging
 
     setup_logging(verbose=False)
 
@@ -117,7 +117,7 @@ def synth_command(
 
 
 def register(app: typer.Typer) -> None:
-    from evalpipe.orchestrator_cli import user_errors
+    from evalpipe.console import user_errors
 
     model_app = typer.Typer(help="Build the models evalpipe ships and synthetic test checkpoints.", no_args_is_help=True)
     app.command("quantize")(user_errors(quantize_command))

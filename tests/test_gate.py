@@ -13,7 +13,7 @@ from evalpipe.gate import (
     apply_gate,
     decide_task,
 )
-from evalpipe.junit import junit_xml
+from evalpipe.render.junit import junit_xml
 
 N, K = 100, 8
 
@@ -135,7 +135,7 @@ def test_junit_has_one_testcase_per_task_with_numbers_in_failures():
 
 
 def test_an_inconclusive_task_never_reads_pass_and_says_how_it_counted():
-    from evalpipe.compare_report import gate_lines
+    from evalpipe.render.comparison import gate_lines
 
     lenient = GateConfig(margin=0.001, on_inconclusive="pass")
     decision = _decide(lenient, drop=0.0)

@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from evalpipe.console import setup_logging, stdout, user_errors
 from evalpipe.interop.crosscheck import AGREEMENT_COLUMNS, CROSSCHECK_JSON, agreement_rows, crosscheck_run
 from evalpipe.interop.harnesses import HARNESS_NAMES
 from evalpipe.interop.importers import READERS, write_imported_run
-from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
-from evalpipe.report import results_table
+from evalpipe.render.run_report import results_table
 
 
 def crosscheck(

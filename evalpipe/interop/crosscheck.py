@@ -28,10 +28,10 @@ from evalpipe.data import Question
 from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import harness_python, harnesses, run_harness_grader
 from evalpipe.journal import latest_by_key, read_journal
-from evalpipe.plan import TaskPlan, option_order
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
+from evalpipe.render.run_report import write_json
 from evalpipe.runner import RESOLVED_CONFIG, plan_from_config
+from evalpipe.task_plan import TaskPlan, option_order
 
 CROSSCHECK_JSON = "crosscheck.json"
 REPORT_ROWS_PER_TASK = 25

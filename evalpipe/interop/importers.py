@@ -32,10 +32,10 @@ from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import harnesses
 from evalpipe.journal import JournalWriter
 from evalpipe.metrics import question_order, summarize_task
-from evalpipe.plan import prompt_hash
 from evalpipe.records import Outcome, SampleRecord, Usage
-from evalpipe.report import report_markdown, write_json
+from evalpipe.render.run_report import report_markdown, write_json
 from evalpipe.runner import RESOLVED_CONFIG, new_run_id
+from evalpipe.task_plan import prompt_hash
 
 SIDE = "candidate"
 

@@ -53,7 +53,7 @@ def serve(
                                        "output does not depend on the other requests in the batch (slower)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
-    from evalpipe.orchestrator_cli import setup_logging
+    from evalpipe.console import setup_logging
     from runtime.server.launch import ServeOptions, run_server  # heavy imports only when serving
 
     setup_logging(verbose=False)
@@ -67,7 +67,7 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    from evalpipe.orchestrator_cli import user_errors
+    from evalpipe.console import user_errors
 
     # A checkpoint or option the runtime cannot use is a UserError: one line on stderr, exit code 2.
     app.command("serve")(user_errors(serve))

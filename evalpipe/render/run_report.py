@@ -10,8 +10,8 @@ from typing import Any
 from rich.table import Table
 
 from evalpipe.metrics import summarize_task
-from evalpipe.plan import TaskPlan
 from evalpipe.records import SampleRecord
+from evalpipe.task_plan import TaskPlan
 
 TRUNCATION_WARNING = 0.05
 

@@ -1,6 +1,6 @@
 """Commands on stored results: `compare`, `gate`, `plan`, `baseline save`, `leaderboard`.
 
-User mistakes print one line on stderr and exit 2 (see orchestrator_cli.user_errors); `gate` exits like `run`
+User mistakes print one line on stderr and exit 2 (see evalpipe.console.user_errors); `gate` exits like `run`
 with a gate: 0 pass, 1 regression or inconclusive-as-fail, 2 config error, 3 infrastructure error.
 """
 
@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import typer
 
+from evalpipe.cli.run import print_comparison
 from evalpipe.comparison import (
     IncomparableError,
     TaskComparison,
@@ -22,11 +23,10 @@ from evalpipe.comparison import (
     setting_differences,
 )
 from evalpipe.config import RegistrySide
+from evalpipe.console import setup_logging, stdout, user_errors
+from evalpipe.divergence_probe import add_probe_section, load_probe
 from evalpipe.errors import UserError
-from evalpipe.compare_report import comparison_markdown
 from evalpipe.gate import COMMAND_LINE_FIELDS, GateConfig, apply_gate
-from evalpipe.junit import junit_xml
-from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
 from evalpipe.operating import DEFAULT_SIMS, DEFAULT_TRUNCATION, Settings, operating_characteristics
 from evalpipe.planning import (
     budget,
@@ -39,9 +39,7 @@ from evalpipe.planning import (
     plan_rows,
     planning_baseline,
 )
-from evalpipe.probe import add_probe_section, load_probe
-from evalpipe.runner import plan_from_config
-from evalpipe.stored import (
+from evalpipe.registry import (
     DEFAULT_REGISTRY_DIR,
     StoredSide,
     load_registry,
@@ -51,6 +49,9 @@ from evalpipe.stored import (
     save_baseline,
     write_leaderboard,
 )
+from evalpipe.render.comparison import comparison_markdown
+from evalpipe.render.junit import junit_xml
+from evalpipe.runner import plan_from_config
 from evalpipe.validation import validated
 
 log = logging.getLogger(__name__)

@@ -10,24 +10,20 @@ import asyncio
 import logging
 import shlex
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
+from evalpipe.adaptive_stages import adaptive_stages, compare_run, prepare_baseline
 from evalpipe.cards import available_tasks, load_card
-from evalpipe.compare_report import comparison_table, divergence_lines, gate_lines
 from evalpipe.config import RegistrySide, RunConfig, ServedSide
+from evalpipe.console import setup_logging, stdout, user_errors
+from evalpipe.divergence_probe import prepare_probe, run_probe, with_null_limit
 from evalpipe.errors import UserError
 from evalpipe.launch import SERVER_LOGS, launched_sides, server_command, terminate_on_sigterm
-from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
-from evalpipe.plan import TaskPlan
 from evalpipe.planning import (
     budget,
     budget_line,
@@ -37,35 +33,13 @@ from evalpipe.planning import (
     oc_table,
     planning_baseline,
 )
-from evalpipe.probe import prepare_probe, run_probe, with_null_limit
-from evalpipe.report import plan_table, results_table
+from evalpipe.registry import DEFAULT_REGISTRY_DIR, write_leaderboard
+from evalpipe.render.comparison import comparison_table, divergence_lines, gate_lines
+from evalpipe.render.run_report import plan_table, results_table
 from evalpipe.runner import data_source, execute_run, new_run_dir, plan_from_config, sides_of
-from evalpipe.stored import DEFAULT_REGISTRY_DIR, write_leaderboard
+from evalpipe.task_plan import TaskPlan
 
 log = logging.getLogger("evalpipe")
-# Wide tables when piped to a file or another program; the terminal width otherwise.
-stdout = Console(width=None if sys.stdout.isatty() else 180)
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
-    )
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "datasets", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------------------

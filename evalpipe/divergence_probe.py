@@ -49,11 +49,11 @@ from evalpipe.errors import UserError
 from evalpipe.gate import DIVERGENCE, GateConfig, GateOverride, ProbeOutcome
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.launch import resolve_model
-from evalpipe.plan import TaskPlan, prompt_hash, render_messages
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
+from evalpipe.registry import GENERATIONS_FILE, load_divergence_null, read_resolved_config, registry_path
+from evalpipe.render.run_report import write_json
 from evalpipe.runner import BASELINE, CANDIDATE
-from evalpipe.stored import GENERATIONS_FILE, load_divergence_null, read_resolved_config, registry_path
+from evalpipe.task_plan import TaskPlan, prompt_hash, render_messages
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from evalpipe.adaptive import AdaptiveDesign, replay
-from evalpipe.compare_report import comparison_markdown
 from evalpipe.comparison import (
     SideOutcomes,
     TaskResult,
@@ -29,14 +28,15 @@ from evalpipe.comparison import (
     side_outcomes,
 )
 from evalpipe.config import RegistrySide, RunConfig
+from evalpipe.divergence_probe import ProbeResult, add_probe_section
 from evalpipe.errors import UserError
 from evalpipe.gate import GateConfig, apply_gate
 from evalpipe.journal import read_journal
-from evalpipe.plan import TaskPlan
-from evalpipe.probe import ProbeResult, add_probe_section
-from evalpipe.report import write_json
+from evalpipe.registry import COMPARED_SAMPLING, StoredSide, load_registry
+from evalpipe.render.comparison import comparison_markdown
+from evalpipe.render.run_report import write_json
 from evalpipe.runner import BASELINE, CANDIDATE, RunResult, Stages, saved_run_id, sides_of
-from evalpipe.stored import COMPARED_SAMPLING, StoredSide, load_registry
+from evalpipe.task_plan import TaskPlan
 
 log = logging.getLogger(__name__)
 

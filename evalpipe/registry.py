@@ -23,20 +23,20 @@ import yaml
 from evalpipe import __version__
 from evalpipe.comparison import SideOutcomes, TaskResult, outcome_codes
 from evalpipe.config import DEFAULT_SPENDING, REGISTRY_NAME
-from evalpipe.errors import UserError
 from evalpipe.data import question_order_key
 from evalpipe.divergence import DivergenceNull
+from evalpipe.errors import UserError
 from evalpipe.journal import latest_by_key, read_journal
-from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
+from evalpipe.render.leaderboard import LeaderboardRun, render_html, render_markdown
+from evalpipe.render.run_report import write_json
 from evalpipe.runner import RESOLVED_CONFIG
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY_DIR = "results/baselines"
 REGISTRY_FILE = "baseline.json"
-# The answers (no prompts) of the stored side, for the divergence probe (evalpipe.probe). GPQA's terms forbid
+# The answers (no prompts) of the stored side, for the divergence probe (evalpipe.divergence_probe). GPQA's terms forbid
 # putting its text where crawlers can read it, and answers quote the question, so its answers are not stored.
 GENERATIONS_FILE = "generations.jsonl"
 UNSTORED_TASKS = ("gpqa_diamond",)
