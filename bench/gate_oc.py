@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evalpipe.comparison import SideOutcomes, compare_task  # noqa: E402
+from evalpipe.comparison import compare_task  # noqa: E402
+from evalpipe.outcomes import SideOutcomes  # noqa: E402
 from evalpipe.gate import decide_task  # noqa: E402
 from evalpipe.operating import (  # noqa: E402
     PATTERNS,

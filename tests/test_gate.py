@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from evalpipe.comparison import SideOutcomes, compare_task
+from evalpipe.comparison import compare_task
+from evalpipe.outcomes import SideOutcomes
 from evalpipe.gate import (
     EXIT_INFRASTRUCTURE,
     EXIT_PASS,
