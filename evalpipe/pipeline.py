@@ -27,7 +27,7 @@ from evalpipe.journal import read_journal
 from evalpipe.launch import launched_sides, terminate_on_sigterm
 from evalpipe.outcomes import SideOutcomes, side_outcomes
 from evalpipe.planning import config_operating_characteristics, planning_baseline
-from evalpipe.registry import COMPARED_SAMPLING, DEFAULT_REGISTRY_DIR, StoredSide, load_registry, write_leaderboard
+from evalpipe.registry import COMPARED_SAMPLING, DEFAULT_REGISTRY_DIR, StoredSide, load_registry
 from evalpipe.render.comparison import comparison_markdown
 from evalpipe.run_files import (
     BASELINE,
@@ -119,6 +119,8 @@ def run(
     if run_config.baseline is not None:
         decision = compare_run(live_config, plans, result, stored_baseline, probe, operating=operating)
     if run_config.leaderboard is not None:
+        from evalpipe.render.leaderboard import write_leaderboard  # pandas, loaded only when a leaderboard is asked
+
         Path(run_config.leaderboard).mkdir(parents=True, exist_ok=True)
         rows = write_leaderboard(Path(run_config.leaderboard), [result.run_dir])
         log.info("leaderboard: %d rows in %s/leaderboard.{md,html}", rows, run_config.leaderboard)

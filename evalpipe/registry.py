@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,13 @@ from evalpipe.errors import UserError
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.outcomes import SideOutcomes, outcome_codes
 from evalpipe.records import SampleRecord
-from evalpipe.render.leaderboard import LeaderboardRun, render_html, render_markdown
 from evalpipe.run_files import (
     CANDIDATE,
-    COMPARISON,
     DIVERGENCE_NULL_FILE,
     GENERATIONS_FILE,
     REGISTRY_FILE,
     SCHEMA_VERSION,
     SIDES,
-    SUMMARY,
-    ComparisonFile,
     RegistryEntry,
     SideSummary,
     check_schema_version,
@@ -219,44 +214,6 @@ def resolve_side(reference: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR
     if "/" in reference or reference.startswith("."):
         raise UserError(f"{reference}: no such run directory")
     return load_registry(reference, registry_dir)
-
-
-def leaderboard_runs(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> list[LeaderboardRun]:
-    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`, plus the
-    runs in `extra_run_dirs` (a run written outside the results folder)."""
-    runs = []
-    found = set(results_dir.glob(f"**/{CANDIDATE}/{SUMMARY}"))
-    found |= {d / CANDIDATE / SUMMARY for d in extra_run_dirs if (d / CANDIDATE / SUMMARY).is_file()}
-    for summary_file in sorted({p.resolve() for p in found}):
-        run_dir = summary_file.parent.parent
-        try:
-            summary = read_summary(run_dir)
-            spec = read_resolved_config(run_dir).get(CANDIDATE) or {}
-            comparison = read_file(run_dir / COMPARISON, ComparisonFile) if (run_dir / COMPARISON).is_file() else None
-        except (UserError, OSError) as exc:
-            log.warning("skipping %s: %s", run_dir, exc)
-            continue
-        runs.append(LeaderboardRun(summary.run_id or run_dir.name, summary.label or "?", spec.get("quantization"),
-                                   spec.get("engine"), file_payload(summary),
-                                   file_payload(comparison) if comparison is not None else None))
-    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
-        stored = load_registry(entry.parent.name, entry.parent.parent)
-        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
-                                   stored.endpoint.get("engine"), stored.summary))
-    return sorted(runs, key=lambda run: run.run_id)
-
-
-def write_leaderboard(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> int:
-    """Rewrite `results_dir`/leaderboard.md and leaderboard.html (with the runs of `extra_run_dirs` too);
-    returns the number of rows."""
-    if not results_dir.is_dir():
-        raise UserError(f"{results_dir}: no such results folder")
-    runs = leaderboard_runs(results_dir, extra_run_dirs)
-    if not runs:
-        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
-    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
-    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
-    return len(runs)
 
 
 def save_divergence_null(null: DivergenceNull, name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR,

@@ -10,10 +10,15 @@ and its mean completion tokens; `delta` is candidate minus baseline and `flipped
 the question (more than half of its samples correct), as comparison.json's `flipped` lists do.
 
 `summary`: one row per side and task, summary.json's figures. `evalpipe export` writes these tables to files.
+
+The leaderboard is a table too: `leaderboard_runs` collects the finished runs and stored baselines of a results
+folder, `leaderboard_frame` makes them one row per run, which evalpipe.render.leaderboard renders.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,18 +30,25 @@ from evalpipe.data import question_order_key
 from evalpipe.errors import UserError
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.outcomes import OUTCOME_CODES
-from evalpipe.registry import DEFAULT_REGISTRY_DIR, registry_path
+from evalpipe.registry import DEFAULT_REGISTRY_DIR, load_registry, registry_path
 from evalpipe.run_files import (
+    CANDIDATE,
+    COMPARISON,
+    REGISTRY_FILE,
     SIDES,
+    SUMMARY,
     ComparisonFile,
     RegistryEntry,
     journal_path,
     read_comparison,
     read_file,
     read_resolved_config,
+    file_payload,
     read_summary,
     summary_path,
 )
+
+log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ["side", "task", "question_id", "sample_index", "outcome", "correct", "truncated", "extracted",
                   "gold", "rule", "finish_reason", "prompt_tokens", "completion_tokens", "reasoning_tokens",
@@ -171,12 +183,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, file_format: str) -> li
     """samples, questions and summary of a run as files in `out_dir`; returns their paths."""
     if file_format not in EXPORT_FORMATS:
         raise UserError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {file_format!r}")
-    if file_format == "parquet":
-        try:
-            import pyarrow  # noqa: F401 - pandas writes parquet through it
-        except ImportError:
-            raise UserError("--format parquet needs the pyarrow package (pip install pyarrow); "
-                            "--format csv needs nothing more") from None
     tables = load_run(run_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,3 +196,77 @@ def export_run(run_dir: str | Path, out_dir: str | Path, file_format: str) -> li
             frame.to_parquet(path, index=False)
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The leaderboard: one row per run
+
+
+@dataclass(frozen=True)
+class LeaderboardRun:
+    run_id: str
+    label: str
+    quantization: str | None
+    engine: str | None
+    summary: dict  # the candidate's summary.json
+    comparison: dict | None = None  # comparison.json, when the run had a baseline
+
+
+def leaderboard_runs(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> list[LeaderboardRun]:
+    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`, plus the
+    runs in `extra_run_dirs` (a run written outside the results folder)."""
+    runs = []
+    found = set(results_dir.glob(f"**/{CANDIDATE}/{SUMMARY}"))
+    found |= {d / CANDIDATE / SUMMARY for d in extra_run_dirs if (d / CANDIDATE / SUMMARY).is_file()}
+    for summary_file in sorted({p.resolve() for p in found}):
+        run_dir = summary_file.parent.parent
+        try:
+            summary = read_summary(run_dir)
+            spec = read_resolved_config(run_dir).get(CANDIDATE) or {}
+            comparison = read_file(run_dir / COMPARISON, ComparisonFile) if (run_dir / COMPARISON).is_file() else None
+        except (UserError, OSError) as exc:
+            log.warning("skipping %s: %s", run_dir, exc)
+            continue
+        runs.append(LeaderboardRun(summary.run_id or run_dir.name, summary.label or "?", spec.get("quantization"),
+                                   spec.get("engine"), file_payload(summary),
+                                   file_payload(comparison) if comparison is not None else None))
+    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
+        stored = load_registry(entry.parent.name, entry.parent.parent)
+        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
+                                   stored.endpoint.get("engine"), stored.summary))
+    return sorted(runs, key=lambda run: run.run_id)
+
+
+def leaderboard_frame(runs: Sequence[LeaderboardRun]) -> pd.DataFrame:
+    """One row per run: run, label, quantization, engine; per task `<task>/accuracy`, `ci95_low`, `ci95_high`,
+    `truncation_rate`, `completion_tokens` (mean) from summary.json and `delta`, `verdict`, `baseline_accuracy`
+    from comparison.json; with a divergence probe in any run, `divergence/kld` (with `kld_low`, `kld_high`),
+    `divergence/verdict` and `divergence/top1_agreement`. `frame.attrs["tasks"]` lists the tasks in order."""
+    tasks = list(dict.fromkeys(task for run in runs for task in run.summary.get("tasks", {})))
+    with_probe = any((run.comparison or {}).get("divergence") for run in runs)
+    rows = []
+    for run in runs:
+        row: dict[str, object] = {"run": run.run_id, "label": run.label, "quantization": run.quantization,
+                                  "engine": run.engine}
+        for task in tasks:
+            entry = run.summary.get("tasks", {}).get(task) or {}
+            compared = ((run.comparison or {}).get("tasks") or {}).get(task) or {}
+            low, high = (entry.get("ci95") or [None, None])[:2]
+            row.update({f"{task}/accuracy": entry.get("accuracy"), f"{task}/ci95_low": low,
+                        f"{task}/ci95_high": high, f"{task}/delta": compared.get("delta"),
+                        f"{task}/verdict": compared.get("verdict"),
+                        f"{task}/truncation_rate": entry.get("truncation_rate"),
+                        f"{task}/completion_tokens": (entry.get("completion_tokens") or {}).get("mean"),
+                        f"{task}/baseline_accuracy": (compared.get("baseline") or {}).get("accuracy")})
+        if with_probe:
+            section = (run.comparison or {}).get("divergence") or {}
+            stats = section.get("statistics") or {}
+            kld = stats.get("mean_kld") or {}
+            low, high = (kld.get("ci95") or [None, None])[:2]
+            row.update({"divergence/kld": kld.get("value"), "divergence/kld_low": low, "divergence/kld_high": high,
+                        "divergence/verdict": section.get("verdict", "") if stats else None,
+                        "divergence/top1_agreement": (stats.get("top1_agreement") or {}).get("value")})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs["tasks"] = tasks
+    return frame

@@ -40,7 +40,6 @@ from evalpipe.registry import (
     load_run_side,
     resolve_side,
     save_baseline,
-    write_leaderboard,
 )
 from evalpipe.render.comparison import comparison_markdown
 from evalpipe.render.junit import junit_xml
@@ -324,6 +323,8 @@ def leaderboard(
     results_dir: Annotated[Path, typer.Argument(help="results folder holding runs and baselines")] = Path("results"),
 ) -> None:
     """Write RESULTS_DIR/leaderboard.md and a self-contained RESULTS_DIR/leaderboard.html (a row per run)."""
+    from evalpipe.render.leaderboard import write_leaderboard  # pandas is imported here: `evalpipe --help` stays fast
+
     setup_logging(False)
     rows = write_leaderboard(results_dir)
     stdout.print(f"{rows} rows: {results_dir / 'leaderboard.md'}, {results_dir / 'leaderboard.html'}",
