@@ -13,8 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from evalpipe.adaptive import AdaptiveDesign, replay
-from evalpipe.config import RegistrySide, RunConfig
-from evalpipe.gate import GateConfig
+from evalpipe.config import GateConfig, RegistrySide, RunConfig
 from evalpipe.journal import read_journal
 from evalpipe.outcomes import SideOutcomes, side_outcomes
 from evalpipe.registry import StoredSide

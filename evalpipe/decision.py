@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalpipe.comparison import TaskComparison, comparison_document
+from evalpipe.config import GateConfig
 from evalpipe.divergence_probe import ProbeResult, add_probe_section
-from evalpipe.gate import GateConfig, GateResult, apply_gate
+from evalpipe.gate import GateResult, apply_gate
 from evalpipe.run_files import ComparisonFile, SideReference
 
 

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evalpipe.cards import load_card
 from evalpipe.client import EndpointPool, Outcome
 from evalpipe.comparison import overall_verdict
-from evalpipe.config import DivergenceEntry, RunConfig, ServedSide
+from evalpipe.config import DIVERGENCE, DivergenceEntry, GateConfig, GateOverride, RunConfig, ServedSide
 from evalpipe.data import load_questions, question_order_key, resolve_data_dir
 from evalpipe.divergence import (
     KL_APPROXIMATION,
@@ -46,7 +46,7 @@ from evalpipe.divergence import (
     summarize,
 )
 from evalpipe.errors import UserError
-from evalpipe.gate import DIVERGENCE, GateConfig, GateOverride, ProbeOutcome
+from evalpipe.gate import ProbeOutcome
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.launch import resolve_model
 from evalpipe.records import SampleRecord

@@ -23,9 +23,8 @@ import numpy as np
 from rich.table import Table
 
 from evalpipe.adaptive import AdaptiveDesign
-from evalpipe.config import RegistrySide, RunConfig
+from evalpipe.config import GateConfig, RegistrySide, RunConfig
 from evalpipe.errors import UserError
-from evalpipe.gate import GateConfig
 from evalpipe.operating import (
     DEFAULT_TRUNCATION,
     PATTERNS,

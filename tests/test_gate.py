@@ -5,15 +5,9 @@ import pytest
 from pydantic import ValidationError
 
 from evalpipe.comparison import compare_task
+from evalpipe.config import GateConfig
+from evalpipe.gate import EXIT_INFRASTRUCTURE, EXIT_PASS, EXIT_REGRESSION, apply_gate, decide_task
 from evalpipe.outcomes import SideOutcomes
-from evalpipe.gate import (
-    EXIT_INFRASTRUCTURE,
-    EXIT_PASS,
-    EXIT_REGRESSION,
-    GateConfig,
-    apply_gate,
-    decide_task,
-)
 from evalpipe.render.junit import junit_xml
 
 N, K = 100, 8

@@ -9,8 +9,8 @@ import pytest
 
 from evalpipe.comparison import compare_task
 from evalpipe.outcomes import SideOutcomes
-from evalpipe.config import load_config
-from evalpipe.gate import GateConfig, apply_gate, decide_task
+from evalpipe.config import GateConfig, load_config
+from evalpipe.gate import apply_gate, decide_task
 from evalpipe.operating import (
     PATTERNS,
     Draws,

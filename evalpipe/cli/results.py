@@ -16,11 +16,11 @@ import typer
 
 from evalpipe.cli.run import print_comparison
 from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, setting_differences
+from evalpipe.config import COMMAND_LINE_FIELDS, GateConfig
 from evalpipe.console import setup_logging, stdout, user_errors
 from evalpipe.decision import Decision, decide
 from evalpipe.divergence_probe import load_probe
 from evalpipe.errors import UserError
-from evalpipe.gate import COMMAND_LINE_FIELDS, GateConfig
 from evalpipe.operating import DEFAULT_SIMS, DEFAULT_TRUNCATION, Settings, operating_characteristics
 from evalpipe.planning import (
     budget,
