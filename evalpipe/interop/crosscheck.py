@@ -27,7 +27,7 @@ from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import harness_python, harnesses, run_harness_grader
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.records import SampleRecord
-from evalpipe.run_files import CROSSCHECK, REPORT, journal_path, read_resolved_config, write_json
+from evalpipe.run_files import CROSSCHECK, REPORT, RESOLVED_CONFIG, journal_path, read_resolved_config, write_json
 from evalpipe.runner import plan_from_config
 from evalpipe.task_plan import TaskPlan, option_order
 
@@ -132,7 +132,7 @@ def _saved_plans(run_dir: Path, tasks: set[str]) -> dict[str, TaskPlan]:
         raise UserError(f"{run_dir} was imported from {saved['imported'].get('harness')}: its journal has no option "
                         f"texts for {sorted(tasks)}, which the harness graders need")
     saved.pop("resolved", None)
-    config = parse_config(saved, str(path))
+    config = parse_config(saved, str(run_dir / RESOLVED_CONFIG))
     entries = [entry for entry in config.tasks if entry.task in tasks]
     if not entries:
         return {}
