@@ -59,7 +59,7 @@ class RunOutcome:
     summaries: dict[str, SideSummary]  # per evaluated side (candidate, a live baseline): summary.json
     details: dict[str, SideDetails]  # per evaluated side: details.json
     comparison: ComparisonFile | None  # comparison.json; None without a baseline
-    exit_code: int  # as `evalpipe run` exits: 0, 1 the gate failed, 3 every request failed
+    exit_code: int  # as `evalpipe run` exits: 0; 1 the gate failed; 3 every request failed, or too many errors
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -69,7 +69,7 @@ class RunOutcome:
 
     @property
     def gate(self) -> str | None:
-        """The gate's status (pass or fail); None when the config has no gate."""
+        """The gate's status (pass, fail or error); None when the config has no gate."""
         return self.comparison.gate.status if self.comparison is not None and self.comparison.gate else None
 
 
