@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evalpipe.comparison import SideOutcomes, compare_task  # noqa: E402
+from evalpipe.comparison import compare_task  # noqa: E402
+from evalpipe.outcomes import SideOutcomes  # noqa: E402
 from evalpipe.gate import decide_task  # noqa: E402
 from evalpipe.operating import (  # noqa: E402
     PATTERNS,
@@ -39,8 +40,8 @@ from evalpipe.operating import (  # noqa: E402
     spread_truncation,
 )
 from evalpipe.planning import oc_lines, oc_markdown, oc_rows, planning_baseline, task_designs  # noqa: E402
+from evalpipe.registry import DEFAULT_REGISTRY_DIR  # noqa: E402
 from evalpipe.runner import plan_from_config  # noqa: E402
-from evalpipe.stored import DEFAULT_REGISTRY_DIR  # noqa: E402
 
 GRID = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 

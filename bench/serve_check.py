@@ -29,8 +29,8 @@ import torch
 from evalpipe.client import EndpointPool
 from evalpipe.config import ClientConfig, parse_config
 from evalpipe.divergence import KL_APPROXIMATION, score_sequence, summarize
+from evalpipe.divergence_probe import Generation, build_item, scored_positions
 from evalpipe.launch import launched_sides
-from evalpipe.probe import Generation, build_item, scored_positions
 from runtime.models import load_model
 from runtime.server.tokenizer import load_tokenizer, render_chat
 from runtime.tools.quantize import quantize_checkpoint

@@ -1,4 +1,4 @@
-"""Teacher-forced divergence between two servers, as pure functions on prompt logprobs (evalpipe.probe does I/O).
+"""Teacher-forced divergence between two servers, as pure functions on prompt logprobs (evalpipe.divergence_probe does I/O).
 
 Both servers score the same token sequence (a prompt plus the baseline's own generation). At every scored
 position each returns the logprob of the token actually there and its top-k alternatives. Per position:

@@ -1,4 +1,5 @@
-"""The CI gate: turns task comparisons into pass/fail decisions and a process exit code (pure).
+"""The CI gate: turns task comparisons into pass/fail decisions and a process exit code (pure). Its settings
+(`gate:`) are `GateConfig` in evalpipe.config, next to the other config models.
 
 Per task, in order:
 1. A side whose error rate exceeds `max_error_rate` makes the task an infrastructure error (exit 3): its
@@ -25,12 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from evalpipe.comparison import TaskComparison
+from evalpipe.config import DIVERGENCE, GateConfig, TaskGate
 from evalpipe.divergence import DivergenceSummary, divergence_verdict
 from evalpipe.stats import Verdict, VerdictName, noninferiority_of
 
@@ -42,103 +42,7 @@ EXIT_INFRASTRUCTURE = 3
 GateStatus = Literal["pass", "fail", "error"]
 # What a task's line says: PASS, FAIL, ERROR or INCONCLUSIVE (plain or uninformative), with how it was counted.
 GateResultName = Literal["pass", "fail", "error", "inconclusive", "uninformative"]
-# truncation_margin: a fraction, "margin" (the task's accuracy margin) or "off" (YAML's bare `off` reads as false).
-TruncationMargin = Annotated[float, Field(ge=0.0, le=1.0)] | Literal["margin", "off"]
-
-
-def _off(value: object) -> object:
-    return "off" if value is False else value
-DIVERGENCE = "divergence"  # the task name of the teacher-forced divergence probe
 _EXIT_BY_STATUS: dict[GateStatus, int] = {"pass": EXIT_PASS, "fail": EXIT_REGRESSION, "error": EXIT_INFRASTRUCTURE}
-
-class GateOverride(BaseModel):
-    """Per-task settings that replace the gate-wide ones."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    margin: float | None = Field(default=None, ge=0.0, le=1.0)
-    alpha: float | None = Field(default=None, gt=0.0, lt=1.0)
-    on_inconclusive: Literal["fail", "pass"] | None = None
-    on_uninformative: Literal["fail", "pass"] | None = None
-    truncation_margin: TruncationMargin | None = None
-    max_truncation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_error_rate: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_kld: float | None = Field(default=None, ge=0.0)
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
-
-    _truncation_off = field_validator("truncation_margin", mode="before")(_off)
-
-
-RULE_FIELDS = ("margin", "alpha", "on_inconclusive", "on_uninformative", "truncation_margin", "max_truncation_rate",
-               "max_error_rate", "max_kld", "min_top1_agreement")
-DIVERGENCE_FIELDS = ("max_kld", "min_top1_agreement")
-# Settings `evalpipe gate` / `compare` may replace from the command line (recorded as overrides).
-COMMAND_LINE_FIELDS = ("margin", "alpha", "on_inconclusive")
-
-
-@dataclass(frozen=True)
-class TaskGate:
-    margin: float
-    alpha: float
-    on_inconclusive: Literal["fail", "pass"]
-    max_truncation_rate: float | None  # optional hard cap on each side's observed rate (None: none)
-    max_error_rate: float
-    max_kld: float | None = None  # the divergence task's limits (None: not gated on that statistic)
-    min_top1_agreement: float | None = None
-    on_uninformative: Literal["fail", "pass"] | None = None  # None: as on_inconclusive
-    truncation_margin: float | None = None  # resolved: None means the truncation test is off
-
-    @property
-    def uninformative_counts_as(self) -> Literal["fail", "pass"]:
-        return self.on_uninformative or self.on_inconclusive
-
-
-class GateConfig(BaseModel):
-    """Config `gate:`. margin is an absolute accuracy drop as a fraction (0.05 = 5 points).
-
-    truncation_margin: how many points more truncation than the baseline the candidate may have ("margin":
-    the task's accuracy margin; "off": reported, not gated), judged by a one-sided test at alpha.
-    max_truncation_rate: an optional hard cap on each side's observed truncation rate (off by default: an
-    observed rate is noisy). identical_pass_rate: the design target for P(exit 0 | candidate identical to the
-    baseline); `evalpipe plan` splits it over the tasks and checks it by simulation (it decides nothing).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    margin: float = Field(default=0.05, ge=0.0, le=1.0)
-    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
-    on_inconclusive: Literal["fail", "pass"] = "fail"
-    on_uninformative: Literal["fail", "pass"] | None = Field(
-        default=None, description="how a task with both sides at 0% (or 100%) counts; default: as on_inconclusive")
-    truncation_margin: TruncationMargin = "margin"
-    max_truncation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_error_rate: float = Field(default=0.02, ge=0.0, le=1.0)
-    identical_pass_rate: float = Field(default=0.95, gt=0.0, lt=1.0,
-                                       description="design target: P(exit 0) for a candidate identical to the "
-                                                   "baseline, checked by `evalpipe plan`")
-    max_kld: float | None = Field(default=None, ge=0.0, description="divergence: mean KL divergence limit (nats)")
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0,
-                                             description="divergence: lowest share of positions with the same top-1")
-    tasks: dict[str, GateOverride] = Field(default_factory=dict)
-
-    _truncation_off = field_validator("truncation_margin", mode="before")(lambda value: "off" if value in (False, None)
-                                                                          else value)
-
-    def for_task(self, task: str) -> TaskGate:
-        override = self.tasks.get(task, GateOverride())
-        chosen = {
-            name: getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
-            for name in RULE_FIELDS
-        }
-        truncation = chosen["truncation_margin"]
-        chosen["truncation_margin"] = (chosen["margin"] if truncation == "margin" else
-                                       None if truncation == "off" else float(truncation))
-        return TaskGate(**chosen)
-
-    def divergence_keys(self) -> list[str]:
-        """The divergence limits set anywhere in this gate."""
-        sections = [self, *self.tasks.values()]
-        return [name for name in DIVERGENCE_FIELDS if any(getattr(s, name) is not None for s in sections)]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ from evalpipe.runner import sides_of
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-SERVER_LOGS = "servers"  # <run_dir>/servers/<side>.log
 STOP_GRACE_S = 15.0
 _POLL_S = 0.25
 _LOG_TAIL_LINES = 15

@@ -1,7 +1,8 @@
 """Per-task metrics: pure functions of journal records and plain numpy arrays (no I/O).
 
-The central object is the outcome matrix of a task: one row per question in the plan's fixed order, one column
-per sample index, 1.0 correct, 0.0 not correct (wrong, no answer, truncated), NaN missing or transport error.
+The central object is the outcome matrix of a task (evalpipe.outcomes): one row per question in the plan's fixed
+order, one column per sample index, 1.0 correct, 0.0 not correct (wrong, no answer, truncated), NaN missing or
+transport error.
 Accuracy is the mean over questions of the per-question mean over samples; its standard error is the sample
 standard deviation of the per-question means over sqrt(n), i.e. the standard error clustered by question (with
 the C/(C-1) correction; identical to the sample-level clustered estimator when every question has k samples).
@@ -17,13 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from evalpipe.data import question_order_key
+from evalpipe.outcomes import outcome_matrix
 from evalpipe.records import OUTCOMES, SampleRecord
+from evalpipe.task_plan import TaskPlan
 
 Z95 = 1.959963984540054
-
-_VALUE = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "truncated": 0.0, "error": math.nan}
-
 
 def _latest(records: Iterable[SampleRecord], task: str) -> dict[tuple[str, int], SampleRecord]:
     latest: dict[tuple[str, int], SampleRecord] = {}
@@ -35,31 +34,6 @@ def _latest(records: Iterable[SampleRecord], task: str) -> dict[tuple[str, int],
     if len(hashes) > 1:
         raise ValueError(f"records of task {task} carry several card hashes {sorted(hashes)}; filter them first")
     return latest
-
-
-def question_order(task: str, question_ids: Iterable[str]) -> list[str]:
-    """The fixed order of a task's questions (the plan's order): by sha256("<task>/<id>")."""
-    return sorted(set(question_ids), key=lambda q: question_order_key(task, q))
-
-
-def outcome_matrix(
-    records: Iterable[SampleRecord], task: str, question_ids: Sequence[str] | None = None, k: int | None = None
-) -> tuple[list[str], np.ndarray]:
-    """(question ids, matrix of shape (n_questions, k)) with 1.0 / 0.0 / NaN.
-
-    Without `question_ids` the rows are the questions present in the records, in the task's fixed order, so two
-    sides evaluated on the same plan give aligned rows. Pass another side's ids to align explicitly (questions
-    absent from these records get NaN rows). `k` defaults to the highest sample index seen + 1.
-    """
-    latest = _latest(records, task)
-    ids = list(question_ids) if question_ids is not None else question_order(task, (q for q, _ in latest))
-    width = k if k is not None else max((s for _, s in latest), default=-1) + 1
-    matrix = np.full((len(ids), width), np.nan)
-    row_of = {q: i for i, q in enumerate(ids)}
-    for (qid, sample), record in latest.items():
-        if qid in row_of and sample < width:
-            matrix[row_of[qid], sample] = _VALUE[record.outcome]
-    return ids, matrix
 
 
 def question_means(matrix: np.ndarray) -> np.ndarray:
@@ -222,6 +196,21 @@ def summarize_task(
         },
     }
     return summary, details
+
+
+def summarize_side(
+    records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str, label: str,
+    extra_details: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary.json, details.json) of one side, from its journal records."""
+    tasks, details = {}, {}
+    for plan in plans:
+        entry, more = summarize_task(records, task=plan.name, card_hash=plan.card_hash,
+                                     question_ids=plan.question_ids, samples=plan.samples)
+        tasks[plan.name] = entry
+        details[plan.name] = {**more, "seed": plan.seed, "protocol": plan.card.hashed_view()}
+    summary = {"run_id": run_id, "config_name": config_name, "label": label, "tasks": tasks}
+    return summary, {"run_id": run_id, "label": label, **(extra_details or {}), "tasks": details}
 
 
 def _powers_of_two(k: int) -> list[int]:

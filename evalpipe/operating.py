@@ -42,7 +42,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from evalpipe.gate import TaskGate, gate_outcome
+from evalpipe.config import TaskGate
+from evalpipe.gate import gate_outcome
 from evalpipe.stats import VarianceComponents, minimum_detectable_effect, noninferiority_rows, samples_needed
 
 PATTERNS = ("proportional", "logit", "broken_subset")

@@ -23,10 +23,8 @@ import numpy as np
 from rich.table import Table
 
 from evalpipe.adaptive import AdaptiveDesign
-from evalpipe.config import RegistrySide, RunConfig
+from evalpipe.config import GateConfig, RegistrySide, RunConfig
 from evalpipe.errors import UserError
-from evalpipe.gate import GateConfig
-from evalpipe.plan import TaskPlan
 from evalpipe.operating import (
     DEFAULT_TRUNCATION,
     PATTERNS,
@@ -37,9 +35,11 @@ from evalpipe.operating import (
     shrunk_rates,
     spread_truncation,
 )
-from evalpipe.comparison import SideOutcomes
+from evalpipe.outcomes import SideOutcomes
+from evalpipe.registry import StoredSide, load_registry, load_run_side, resolve_side
+from evalpipe.run_files import summary_path
 from evalpipe.stats import WORST_CASE, minimum_detectable_effect, samples_needed, variance_components
-from evalpipe.stored import StoredSide, load_registry, load_run_side, resolve_side
+from evalpipe.task_plan import TaskPlan
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def planning_baseline(config: RunConfig, reference: str | None, registry_dir: st
     for run_dir in sorted(Path(config.output_dir, config.name).glob("*/"), reverse=True):
         if exclude is not None and run_dir.resolve() == Path(exclude).resolve():
             continue
-        if (run_dir / side / "summary.json").is_file():
+        if summary_path(run_dir, side).is_file():
             return load_run_side(run_dir, side)
     return None
 

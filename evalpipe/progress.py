@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from evalpipe.plan import TaskPlan
 from evalpipe.records import SampleRecord
+from evalpipe.task_plan import TaskPlan
 
 
 class TokensPerSecond(ProgressColumn):

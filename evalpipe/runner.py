@@ -19,27 +19,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evalpipe import __version__
 from evalpipe.cards import load_card
 from evalpipe.client import EndpointPool, GenerationParams, Outcome
 from evalpipe.config import RunConfig, ServedSide, TaskEntry, load_config
 from evalpipe.data import load_questions, resolve_data_dir, select_questions
 from evalpipe.errors import EndpointError, UserError
 from evalpipe.journal import JournalWriter, latest_by_key, read_journal
-from evalpipe.plan import SampleRequest, TaskPlan, build_task_plan
+from evalpipe.metrics import summarize_side
 from evalpipe.progress import RunProgress
 from evalpipe.records import SampleRecord, Usage
-from evalpipe.report import report_markdown, summarize_side, truncation_warnings, write_json
+from evalpipe.render.run_report import report_markdown, truncation_warnings
+from evalpipe.run_files import (
+    BASELINE,
+    CANDIDATE,
+    REPORT,
+    RESOLVED_CONFIG,
+    SideDetails,
+    SideSummary,
+    details_path,
+    journal_path,
+    read_resolved_config,
+    saved_run_id,
+    summary_path,
+    write_config_file,
+    write_file,
+)
 from evalpipe.scoring import LOGLIKELIHOOD_RULE, continuation_logprob, loglikelihood_choice, score_response
+from evalpipe.task_plan import SampleRequest, TaskPlan, build_task_plan
+from evalpipe.version import __version__
 
 log = logging.getLogger(__name__)
-
-CANDIDATE = "candidate"
-BASELINE = "baseline"
-RESOLVED_CONFIG = "config.yaml"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Plan
@@ -52,7 +61,7 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
     data_dir = resolve_data_dir(config.data_dir)
     plans = []
     for i, entry in enumerate(config.tasks):
-        if not isinstance(entry, TaskEntry):  # the divergence probe has no card (evalpipe.probe)
+        if not isinstance(entry, TaskEntry):  # the divergence probe has no card (evalpipe.divergence_probe)
             continue
         where = f"tasks.{i}"
         try:
@@ -291,9 +300,7 @@ def resolved_config(config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -
 
 
 def write_resolved_config(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], run_id: str) -> None:
-    (run_dir / RESOLVED_CONFIG).write_text(
-        yaml.safe_dump(resolved_config(config, plans, run_id), sort_keys=False, allow_unicode=True), encoding="utf-8"
-    )
+    write_config_file(run_dir, resolved_config(config, plans, run_id))
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -315,16 +322,11 @@ def create_run_dir(config: RunConfig, plans: Sequence[TaskPlan], run_dir: Path |
     return run_dir
 
 
-def saved_run_id(run_dir: Path) -> str:
-    return yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))["resolved"]["run_id"]
-
-
 def load_resumable(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], side: str) -> list[SampleRecord]:
     """Records already in a run being resumed, after checking the config still describes the same run."""
-    saved_path = run_dir / RESOLVED_CONFIG
-    if not saved_path.is_file():
+    if not (run_dir / RESOLVED_CONFIG).is_file():
         raise UserError(f"--resume: {run_dir} is not an evalpipe run directory (no {RESOLVED_CONFIG})")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = read_resolved_config(run_dir)
     problems = []
     if saved.get(side, {}).get("model") != getattr(config, side).model:
         problems.append(f"{side}.model was '{saved.get(side, {}).get('model')}'")
@@ -340,7 +342,7 @@ def load_resumable(run_dir: Path, config: RunConfig, plans: Sequence[TaskPlan], 
             problems.append(f"{plan.name}: seed was {before['seed']}")
     if problems:
         raise UserError(f"--resume: the config does not match the run in {run_dir}: " + "; ".join(problems))
-    return read_journal(run_dir / side / "journal.jsonl", repair=True)
+    return read_journal(journal_path(run_dir, side), repair=True)
 
 
 def answered_keys(records: Sequence[SampleRecord]) -> set[tuple[str, str, int]]:
@@ -400,7 +402,7 @@ class RunResult:
 
 
 # Stages of a run: given the run dir, yields the plans (cut to the requests wanted) to evaluate in turn; each is
-# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.paired_run).
+# computed after the previous stage's samples are journaled (adaptive sampling, evalpipe.adaptive_stages).
 Stages = Callable[[Path], Iterable[list[TaskPlan]]]
 
 
@@ -442,7 +444,7 @@ async def execute_run(
                     for plan in stage:
                         bar.already_done(name, plan.name, sum(r.key in done[name] for r in plan.requests))
                 await asyncio.gather(*(
-                    evaluate_side(pools[name], spec, stage, config, run_dir / name / "journal.jsonl", done[name],
+                    evaluate_side(pools[name], spec, stage, config, journal_path(run_dir, name), done[name],
                                   pilots[name], functools.partial(bar.advance, name))
                     for name, spec in sides))
             for name, _ in sides:
@@ -457,15 +459,15 @@ async def execute_run(
     run_id = saved_run_id(run_dir)
     results, warnings, all_failed = {}, [], True
     for name, spec in sides:
-        records = read_journal(run_dir / name / "journal.jsonl")
+        records = read_journal(journal_path(run_dir, name))
         endpoint = {"model": spec.model, "base_url": spec.urls, "concurrency": config.concurrency,
                     "requests_sent_this_invocation": sent[name]}
-        results[name] = write_side_results(run_dir / name, records, plans, run_id=run_id, config_name=config.name,
+        results[name] = write_side_results(run_dir, name, records, plans, run_id=run_id, config_name=config.name,
                                            label=spec.label, endpoint=endpoint)
         warnings += [f"{name}: {w}" for w in truncation_warnings(results[name][0], plans)]
         latest = latest_by_key(records)
         all_failed &= bool(latest) and all(r.outcome == "error" for r in latest.values())
-    (run_dir / "report.md").write_text(
+    (run_dir / REPORT).write_text(
         report_markdown(config_name=config.name, run_dir=run_dir, sides=results, warnings=warnings,
                         config_path=config_path),
         encoding="utf-8",
@@ -474,12 +476,12 @@ async def execute_run(
 
 
 def write_side_results(
-    side_dir: Path, records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str,
+    run_dir: Path, side: str, records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str,
     label: str, endpoint: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """summary.json and details.json of a side, computed from its whole journal."""
     summary, details = summarize_side(records, plans, run_id=run_id, config_name=config_name, label=label,
                                       extra_details={"endpoint": endpoint})
-    write_json(side_dir / "summary.json", summary)
-    write_json(side_dir / "details.json", details)
+    write_file(summary_path(run_dir, side), SideSummary.model_validate(summary))
+    write_file(details_path(run_dir, side), SideDetails.model_validate(details))
     return summary, details

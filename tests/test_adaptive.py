@@ -13,7 +13,8 @@ from evalpipe.adaptive import (
     simulate_decision,
     spending_boundaries,
 )
-from evalpipe.comparison import SideOutcomes, TaskResult, compare_sides
+from evalpipe.comparison import TaskResult, compare_sides
+from evalpipe.outcomes import SideOutcomes
 from evalpipe.stats import noninferiority
 from evalpipe.drop_patterns import DROP_PATTERNS, dropped_probabilities
 

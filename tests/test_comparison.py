@@ -4,16 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from evalpipe.comparison import (
-    SideOutcomes,
-    comparability_problems,
-    compare_task,
-    comparison_document,
-    outcome_codes,
-    overall_verdict,
-    side_outcomes,
-)
-from evalpipe.metrics import question_order
+from evalpipe.comparison import comparability_problems, compare_task, comparison_document, overall_verdict
+from evalpipe.outcomes import SideOutcomes, outcome_codes, question_order, side_outcomes
 from evalpipe.records import SampleRecord
 
 

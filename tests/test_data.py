@@ -14,7 +14,7 @@ import pytest
 from evalpipe.cards import load_card
 from evalpipe.data import load_questions, resolve_data_dir, select_questions
 from evalpipe.errors import UserError
-from evalpipe.plan import build_task_plan, option_order, sample_seed
+from evalpipe.task_plan import build_task_plan, option_order, sample_seed
 from orch_helpers import SHARED_DATA, needs_shared_data
 
 pytestmark = needs_shared_data

@@ -20,7 +20,8 @@ from evalpipe.divergence import (
     summarize,
     weighted_quantile,
 )
-from evalpipe.gate import GateConfig, decide_divergence
+from evalpipe.config import GateConfig
+from evalpipe.gate import decide_divergence
 
 
 def top_k(logprobs: np.ndarray, k: int) -> dict[str, float]:

@@ -4,16 +4,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from evalpipe.comparison import SideOutcomes, compare_task
-from evalpipe.gate import (
-    EXIT_INFRASTRUCTURE,
-    EXIT_PASS,
-    EXIT_REGRESSION,
-    GateConfig,
-    apply_gate,
-    decide_task,
-)
-from evalpipe.junit import junit_xml
+from evalpipe.comparison import compare_task
+from evalpipe.config import GateConfig
+from evalpipe.gate import EXIT_INFRASTRUCTURE, EXIT_PASS, EXIT_REGRESSION, apply_gate, decide_task
+from evalpipe.outcomes import SideOutcomes
+from evalpipe.render.junit import junit_xml
 
 N, K = 100, 8
 
@@ -135,7 +130,7 @@ def test_junit_has_one_testcase_per_task_with_numbers_in_failures():
 
 
 def test_an_inconclusive_task_never_reads_pass_and_says_how_it_counted():
-    from evalpipe.compare_report import gate_lines
+    from evalpipe.render.comparison import gate_lines
 
     lenient = GateConfig(margin=0.001, on_inconclusive="pass")
     decision = _decide(lenient, drop=0.0)

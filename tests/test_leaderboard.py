@@ -4,7 +4,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
+from evalpipe.render.leaderboard import LeaderboardRun, render_html, render_markdown
 
 
 def _summary(label, aime, mmlu=None):

@@ -8,15 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from evalpipe.metrics import (
-    consensus_at_k,
-    mean_stderr_ci,
-    outcome_matrix,
-    pass_at_k,
-    question_means,
-    question_order,
-    summarize_task,
-)
+from evalpipe.metrics import consensus_at_k, mean_stderr_ci, pass_at_k, question_means, summarize_task
+from evalpipe.outcomes import outcome_matrix, question_order
 from evalpipe.records import SampleRecord, Usage
 
 SUMMARY_KEYS = {"card_hash", "n_questions", "samples", "accuracy", "stderr", "ci95", "cons_at_k", "pass_at_k",

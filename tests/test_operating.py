@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalpipe.comparison import SideOutcomes, compare_task
-from evalpipe.config import load_config
-from evalpipe.gate import GateConfig, apply_gate, decide_task
+from evalpipe.comparison import compare_task
+from evalpipe.outcomes import SideOutcomes
+from evalpipe.config import GateConfig, load_config
+from evalpipe.gate import apply_gate, decide_task
 from evalpipe.operating import (
     PATTERNS,
     Draws,

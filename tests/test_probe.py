@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from evalpipe.divergence import KL_APPROXIMATION
-from evalpipe.probe import Generation, ProbeItem, build_item, scored_positions
+from evalpipe.divergence_probe import Generation, ProbeItem, build_item, scored_positions
 from test_paired_run import LIVE_BASELINE, _config, _run, _servers
 from orch_helpers import needs_shared_data, run_cli
 

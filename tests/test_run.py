@@ -22,7 +22,7 @@ TASKS = [
     {"task": "gpqa_diamond", "samples": 2, "max_tokens": 256, "limit": 8},
     {"task": "mmlu", "samples": 1, "max_tokens": 256, "limit": 12, "subjects": ["anatomy", "virology"]},
 ]
-CONTRACT = {"run_id", "config_name", "label", "tasks"}
+CONTRACT = {"schema_version", "run_id", "config_name", "label", "tasks"}
 TASK_CONTRACT = {"card_hash", "n_questions", "samples", "accuracy", "stderr", "ci95", "cons_at_k", "pass_at_k",
                  "truncation_rate", "no_answer_rate", "error_rate", "completion_tokens"}
 

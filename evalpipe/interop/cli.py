@@ -12,11 +12,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from evalpipe.interop.crosscheck import AGREEMENT_COLUMNS, CROSSCHECK_JSON, agreement_rows, crosscheck_run
+from evalpipe.console import setup_logging, stdout, user_errors
+from evalpipe.interop.crosscheck import AGREEMENT_COLUMNS, agreement_rows, crosscheck_run
 from evalpipe.interop.harnesses import HARNESS_NAMES
 from evalpipe.interop.importers import READERS, write_imported_run
-from evalpipe.orchestrator_cli import setup_logging, stdout, user_errors
-from evalpipe.report import results_table
+from evalpipe.render.run_report import results_table
+from evalpipe.run_files import CROSSCHECK
 
 
 def crosscheck(
@@ -39,7 +40,7 @@ def crosscheck(
     for row in agreement_rows(entry):
         table.add_row(*row)
     stdout.print(table)
-    stdout.print(str(run_dir / CROSSCHECK_JSON), highlight=False, soft_wrap=True)
+    stdout.print(str(run_dir / CROSSCHECK), highlight=False, soft_wrap=True)
 
 
 import_app = typer.Typer(help="Turn another harness's per-sample outputs into an evalpipe run directory (its "

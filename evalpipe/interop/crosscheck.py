@@ -20,20 +20,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evalpipe.cards import load_card
 from evalpipe.config import parse_config
 from evalpipe.data import Question
 from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import harness_python, harnesses, run_harness_grader
 from evalpipe.journal import latest_by_key, read_journal
-from evalpipe.plan import TaskPlan, option_order
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
-from evalpipe.runner import RESOLVED_CONFIG, plan_from_config
+from evalpipe.run_files import CROSSCHECK, REPORT, RESOLVED_CONFIG, journal_path, read_resolved_config, write_json
+from evalpipe.runner import plan_from_config
+from evalpipe.task_plan import TaskPlan, option_order
 
-CROSSCHECK_JSON = "crosscheck.json"
 REPORT_ROWS_PER_TASK = 25
 
 
@@ -130,15 +127,12 @@ def _saved_plans(run_dir: Path, tasks: set[str]) -> dict[str, TaskPlan]:
     """The plans of `tasks` as run, rebuilt from the run's resolved config (they give the option texts)."""
     if not tasks:
         return {}
-    path = run_dir / RESOLVED_CONFIG
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not an evalpipe run directory (no {RESOLVED_CONFIG})")
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    saved = read_resolved_config(run_dir)
     if "imported" in saved:
         raise UserError(f"{run_dir} was imported from {saved['imported'].get('harness')}: its journal has no option "
                         f"texts for {sorted(tasks)}, which the harness graders need")
     saved.pop("resolved", None)
-    config = parse_config(saved, str(path))
+    config = parse_config(saved, str(run_dir / RESOLVED_CONFIG))
     entries = [entry for entry in config.tasks if entry.task in tasks]
     if not entries:
         return {}
@@ -180,7 +174,7 @@ def grader_items(records: Sequence[SampleRecord], plans: dict[str, TaskPlan]) ->
 
 def crosscheck_run(run_dir: Path, grader: str, side: str = "candidate") -> dict[str, Any]:
     """Re-grade `side`'s journal with `grader`; update crosscheck.json and report.md; return this grader's entry."""
-    journal = run_dir / side / "journal.jsonl"
+    journal = journal_path(run_dir, side)
     if not journal.is_file():
         raise UserError(f"{run_dir}: no journal for side '{side}' ({journal} is missing)")
     harness_python(grader)  # a missing environment is reported before any work
@@ -202,11 +196,11 @@ def crosscheck_run(run_dir: Path, grader: str, side: str = "candidate") -> dict[
         "tasks": {task: stats.to_dict() for task, stats in sorted(per_task.items())},
         "disagreements": [asdict(d) for d in disagreements], "ungraded": ungraded,
     }
-    path = run_dir / CROSSCHECK_JSON
+    path = run_dir / CROSSCHECK
     existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     existing.setdefault("graders", {}).setdefault(grader, {})[side] = entry
     write_json(path, {"run_dir": str(run_dir), "graders": existing["graders"]})
-    update_report(run_dir / "report.md", grader, side, report_section(entry))
+    update_report(run_dir / REPORT, grader, side, report_section(entry))
     return entry
 
 
@@ -249,7 +243,7 @@ def report_section(entry: dict[str, Any]) -> str:
     disagreements = entry["disagreements"]
     if disagreements:
         lines += ["", f"### Disagreements with {title} ({len(disagreements)}; at most {REPORT_ROWS_PER_TASK} per "
-                      f"task here, all in {CROSSCHECK_JSON})", "",
+                      f"task here, all in {CROSSCHECK})", "",
                   "| task | question | sample | kind | where | ours: answer (rule) -> outcome | theirs: answer -> "
                   "verdict |", "|---|---|---|---|---|---|---|"]
         shown: Counter[str] = Counter()

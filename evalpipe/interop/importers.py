@@ -27,17 +27,29 @@ from typing import Any
 
 import yaml
 
-from evalpipe import __version__
 from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import harnesses
 from evalpipe.journal import JournalWriter
-from evalpipe.metrics import question_order, summarize_task
-from evalpipe.plan import prompt_hash
+from evalpipe.metrics import summarize_task
+from evalpipe.outcomes import question_order
 from evalpipe.records import Outcome, SampleRecord, Usage
-from evalpipe.report import report_markdown, write_json
-from evalpipe.runner import RESOLVED_CONFIG, new_run_id
+from evalpipe.render.run_report import report_markdown
+from evalpipe.run_files import (
+    CANDIDATE,
+    REPORT,
+    SideDetails,
+    SideSummary,
+    details_path,
+    journal_path,
+    summary_path,
+    write_config_file,
+    write_file,
+)
+from evalpipe.runner import new_run_id
+from evalpipe.task_plan import prompt_hash
+from evalpipe.version import __version__
 
-SIDE = "candidate"
+SIDE = CANDIDATE
 
 
 @dataclass
@@ -366,9 +378,8 @@ def write_imported_run(run: ImportedRun, output_dir: Path, name: str, label: str
         "tasks": [{"task": task, "samples": info["samples"]} for task, info in tasks.items()],
         "resolved": {"run_id": run_id, "evalpipe_version": __version__, "tasks": tasks},
     }
-    (run_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
-                                           encoding="utf-8")
-    with JournalWriter(run_dir / SIDE / "journal.jsonl") as journal:
+    write_config_file(run_dir, resolved)
+    with JournalWriter(journal_path(run_dir, SIDE)) as journal:
         for t in run.tasks.values():
             for record in t.records:
                 journal.append(record)
@@ -384,9 +395,9 @@ def write_imported_run(run: ImportedRun, output_dir: Path, name: str, label: str
                                      samples=info["samples"])
         summary["tasks"][t.task] = entry
         details["tasks"][t.task] = {**more, "harness_task": t.harness_task, "protocol": t.protocol}
-    write_json(run_dir / SIDE / "summary.json", summary)
-    write_json(run_dir / SIDE / "details.json", details)
-    (run_dir / "report.md").write_text(
+    write_file(summary_path(run_dir, SIDE), SideSummary.model_validate(summary))
+    write_file(details_path(run_dir, SIDE), SideDetails.model_validate(details))
+    (run_dir / REPORT).write_text(
         report_markdown(config_name=name, run_dir=run_dir, sides={SIDE: (summary, details)}, warnings=[],
                         config_path=None), encoding="utf-8")
     return run_dir, summary

@@ -25,6 +25,7 @@ import numpy as np
 from evalpipe.errors import UserError
 from evalpipe.interop.harnesses import HarnessError, harness_python
 from evalpipe.journal import latest_by_key, read_journal
+from evalpipe.run_files import journal_path
 from evalpipe.runner import is_loglikelihood, plan_from_config
 from evalpipe.scoring import loglikelihood_choice
 from evalpipe.metrics import Z95
@@ -79,7 +80,7 @@ def lmeval_loglikelihoods(base_url: str, model: str, tokenizer: str, items: Sequ
 def crosscheck_run(config: str, run_dir: Path, side: str, base_url: str, tokenizer: str, model: str
                    ) -> dict[str, Any]:
     _, plans = plan_from_config(config)
-    records = latest_by_key(read_journal(run_dir / side / "journal.jsonl"))
+    records = latest_by_key(read_journal(journal_path(run_dir, side)))
     result: dict[str, Any] = {}
     for plan in (p for p in plans if is_loglikelihood(p)):
         scored = [(request, records[request.key]) for request in plan.requests

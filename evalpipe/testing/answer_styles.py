@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from evalpipe.plan import TaskPlan
+from evalpipe.task_plan import TaskPlan
 from evalpipe.testing.fake_server import FakeServer, Reply, _unit, _words
 
 LETTERS = "ABCDEFGHIJ"

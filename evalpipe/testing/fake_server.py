@@ -516,7 +516,7 @@ class FakeServer:
 
 
 def answer_key_for_plans(plans: list[Any]) -> dict[str, AnswerKeyEntry]:
-    """Answer key of every request of some task plans (evalpipe.plan.TaskPlan), for oracle answers."""
+    """Answer key of every request of some task plans (evalpipe.task_plan.TaskPlan), for oracle answers."""
     key: dict[str, AnswerKeyEntry] = {}
     for plan in plans:
         for r in plan.requests:

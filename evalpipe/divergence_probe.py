@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evalpipe.cards import load_card
 from evalpipe.client import EndpointPool, Outcome
 from evalpipe.comparison import overall_verdict
-from evalpipe.config import DivergenceEntry, RunConfig, ServedSide
+from evalpipe.config import DIVERGENCE, DivergenceEntry, GateConfig, GateOverride, RunConfig, ServedSide
 from evalpipe.data import load_questions, question_order_key, resolve_data_dir
 from evalpipe.divergence import (
     KL_APPROXIMATION,
@@ -46,14 +46,26 @@ from evalpipe.divergence import (
     summarize,
 )
 from evalpipe.errors import UserError
-from evalpipe.gate import DIVERGENCE, GateConfig, GateOverride, ProbeOutcome
+from evalpipe.gate import ProbeOutcome
 from evalpipe.journal import latest_by_key, read_journal
 from evalpipe.launch import resolve_model
-from evalpipe.plan import TaskPlan, prompt_hash, render_messages
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
-from evalpipe.runner import BASELINE, CANDIDATE
-from evalpipe.stored import GENERATIONS_FILE, load_divergence_null, read_resolved_config, registry_path
+from evalpipe.registry import load_divergence_null, registry_path
+from evalpipe.run_files import (
+    BASELINE,
+    CANDIDATE,
+    DIVERGENCE_DIR,
+    DIVERGENCE_SCORES,
+    GENERATIONS_FILE,
+    DivergenceSummaryFile,
+    divergence_scores_path,
+    divergence_summary_path,
+    journal_path,
+    read_file,
+    read_resolved_config,
+    write_file,
+)
+from evalpipe.task_plan import TaskPlan, prompt_hash, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +322,7 @@ def run_probe(config: RunConfig, setup: ProbeSetup, plans: Sequence[TaskPlan], r
     if setup.stored is not None:
         generations, source = setup.stored, f"registry:{entry.from_registry}"
     else:
-        generations = run_generations(entry, plans, read_journal(run_dir / BASELINE / "journal.jsonl"))
+        generations = run_generations(entry, plans, read_journal(journal_path(run_dir, BASELINE)))
         source = f"{run_dir}/{BASELINE}"
     items = [build_item(g, setup.tokenizer, entry.max_tokens) for g in generations]
     settings = {"source": source, "tokenizer": setup.tokenizer_source,
@@ -352,32 +364,29 @@ def add_probe_section(document: dict[str, Any], result: ProbeResult, gate: GateC
     return ProbeOutcome(summary, len(result.failures), result.attempted)
 
 
-SCORES_FILE, SUMMARY_FILE = "scores.jsonl", "summary.json"
-
-
 def write_probe(run_dir: Path, result: ProbeResult, alpha: float) -> None:
-    folder = run_dir / DIVERGENCE
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / SCORES_FILE, "w", encoding="utf-8") as out:
+    (run_dir / DIVERGENCE_DIR).mkdir(parents=True, exist_ok=True)
+    with open(divergence_scores_path(run_dir), "w", encoding="utf-8") as out:
         for generation, scores in result.scores:
             out.write(json.dumps({"task": generation.task, "question_id": generation.question_id,
                                   "sample_index": generation.sample_index, **scores.to_dict()}) + "\n")
         for generation, error in result.failures:
             out.write(json.dumps({"task": generation.task, "question_id": generation.question_id,
                                   "sample_index": generation.sample_index, "error": error}) + "\n")
-    write_json(folder / SUMMARY_FILE, result.document(result.summary(alpha)))
+    write_file(divergence_summary_path(run_dir),
+               DivergenceSummaryFile.model_validate(result.document(result.summary(alpha))))
 
 
 def load_probe(run_dir: Path) -> ProbeResult | None:
     """A finished run's probe, from its files (None when the run had none)."""
-    folder = run_dir / DIVERGENCE
-    if not (folder / SUMMARY_FILE).is_file():
+    if not divergence_summary_path(run_dir).is_file():
         return None
-    document = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
-    settings = {key: document[key] for key in ("source", "tokenizer", "prompt_format", "top_k", "limit",
-                                               "max_tokens", "bootstrap", "seed")}
-    result = ProbeResult(settings, null=DivergenceNull.from_dict(document["null"]) if document.get("null") else None)
-    for line in (folder / SCORES_FILE).read_text(encoding="utf-8").splitlines():
+    document = read_file(divergence_summary_path(run_dir), DivergenceSummaryFile)
+    settings = document.model_dump(include={"source", "tokenizer", "prompt_format", "top_k", "limit",
+                                            "max_tokens", "bootstrap", "seed"})
+    null = getattr(document, "null", None)
+    result = ProbeResult(settings, null=DivergenceNull.from_dict(null) if null else None)
+    for line in divergence_scores_path(run_dir).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         generation = Generation(row["task"], row["question_id"], row["sample_index"], (), "")
         if "error" in row:
@@ -399,7 +408,7 @@ def calibrate_from_runs(run_dirs: Sequence[Path], tolerance: float, quantile: fl
         saved = read_resolved_config(run_dir)
         probe = load_probe(run_dir)
         if probe is None or not probe.scores:
-            raise UserError(f"{run_dir}: no divergence probe scores (divergence/{SCORES_FILE}); run an A/A config "
+            raise UserError(f"{run_dir}: no divergence probe scores ({DIVERGENCE_DIR}/{DIVERGENCE_SCORES}); run an A/A config "
                             "with a `- task: divergence` entry, e.g. configs/quickstart_null.yaml")
         cand, base = saved.get("candidate") or {}, saved.get("baseline") or {}
         differing = [key for key in ("quantization",) if cand.get(key) != base.get(key)]

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
-from evalpipe.compare_cli import RegistryDir
+from evalpipe.cli.results import RegistryDir
+from evalpipe.console import stdout, user_errors
 from evalpipe.divergence import NULL_QUANTILE
-from evalpipe.orchestrator_cli import stdout, user_errors
-from evalpipe.probe import calibrate_from_runs
-from evalpipe.stored import DEFAULT_REGISTRY_DIR, save_divergence_null
+from evalpipe.divergence_probe import calibrate_from_runs
+from evalpipe.registry import DEFAULT_REGISTRY_DIR, save_divergence_null
 
 
 @user_errors

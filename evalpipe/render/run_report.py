@@ -1,41 +1,16 @@
-"""What a run leaves behind and shows: summary.json (the contract), details.json, report.md, rich tables."""
+"""How a run's results are shown: report.md and the rich tables printed by `evalpipe run`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from evalpipe.metrics import summarize_task
-from evalpipe.plan import TaskPlan
-from evalpipe.records import SampleRecord
+from evalpipe.task_plan import TaskPlan
 
 TRUNCATION_WARNING = 0.05
-
-
-def summarize_side(
-    records: Sequence[SampleRecord], plans: Sequence[TaskPlan], *, run_id: str, config_name: str, label: str,
-    extra_details: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(summary.json, details.json) of one side, from its journal records."""
-    tasks, details = {}, {}
-    for plan in plans:
-        entry, more = summarize_task(records, task=plan.name, card_hash=plan.card_hash,
-                                     question_ids=plan.question_ids, samples=plan.samples)
-        tasks[plan.name] = entry
-        details[plan.name] = {**more, "seed": plan.seed, "protocol": plan.card.hashed_view()}
-    summary = {"run_id": run_id, "config_name": config_name, "label": label, "tasks": tasks}
-    return summary, {"run_id": run_id, "label": label, **(extra_details or {}), "tasks": details}
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _pct(value: float | None, digits: int = 1) -> str:

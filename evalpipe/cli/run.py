@@ -6,28 +6,20 @@ stdout carries only the intended output, and `run` ends it with the run director
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import shlex
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
+from evalpipe.pipeline import run as run_pipeline
 from evalpipe.cards import available_tasks, load_card
-from evalpipe.compare_report import comparison_table, divergence_lines, gate_lines
 from evalpipe.config import RegistrySide, RunConfig, ServedSide
-from evalpipe.errors import UserError
-from evalpipe.launch import SERVER_LOGS, launched_sides, server_command, terminate_on_sigterm
-from evalpipe.paired_run import adaptive_stages, compare_run, prepare_baseline
-from evalpipe.plan import TaskPlan
+from evalpipe.console import setup_logging, stdout, user_errors
+from evalpipe.launch import server_command
 from evalpipe.planning import (
     budget,
     budget_line,
@@ -37,35 +29,12 @@ from evalpipe.planning import (
     oc_table,
     planning_baseline,
 )
-from evalpipe.probe import prepare_probe, run_probe, with_null_limit
-from evalpipe.report import plan_table, results_table
-from evalpipe.runner import data_source, execute_run, new_run_dir, plan_from_config, sides_of
-from evalpipe.stored import DEFAULT_REGISTRY_DIR, write_leaderboard
-
-log = logging.getLogger("evalpipe")
-# Wide tables when piped to a file or another program; the terminal width otherwise.
-stdout = Console(width=None if sys.stdout.isatty() else 180)
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
-    )
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "datasets", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
+from evalpipe.registry import DEFAULT_REGISTRY_DIR
+from evalpipe.render.comparison import comparison_table, divergence_lines, gate_lines
+from evalpipe.render.run_report import plan_table, results_table
+from evalpipe.run_files import file_payload
+from evalpipe.runner import data_source, plan_from_config, sides_of
+from evalpipe.task_plan import TaskPlan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,50 +50,21 @@ def run(
 ) -> None:
     """Evaluate the config's candidate endpoint on its tasks; print the results and, last, the run dir."""
     setup_logging(verbose)
-    run_config, plans = plan_from_config(config)
     if dry_run:
-        print_plan(run_config, plans)
+        print_plan(*plan_from_config(config))
         return
-    if resume is not None and not resume.is_dir():
-        raise UserError(f"--resume: no such run directory: {resume}")
-    stored_baseline = prepare_baseline(run_config, plans)
-    probe_setup = prepare_probe(run_config)
-    run_config = with_null_limit(run_config, probe_setup)
-    # The gate's error rates, stated before anything is sent; comparison.json and report.md carry them.
-    operating = config_operating_characteristics(
-        run_config, plans, planning_baseline(run_config, None, DEFAULT_REGISTRY_DIR, exclude=resume))
-    show = progress and sys.stderr.isatty()
-    run_dir = resume or new_run_dir(run_config)
-    probe = None
     try:
-        # Servers of `launch:` sides live exactly as long as this block, whatever ends it (SIGTERM included).
-        with terminate_on_sigterm(), launched_sides(run_config, run_dir / SERVER_LOGS, show) as live_config:
-            result = asyncio.run(execute_run(live_config, plans, str(config), resume, show,
-                                             stages=adaptive_stages(live_config, plans, stored_baseline),
-                                             new_dir=run_dir))
-            if probe_setup is not None:
-                probe = run_probe(live_config, probe_setup, plans, result.run_dir, show)
+        outcome = run_pipeline(config, resume=resume, show_progress=progress and sys.stderr.isatty())
     except KeyboardInterrupt:
         typer.echo("interrupted; every finished sample is in the journal. Resume with --resume RUN_DIR", err=True)
         raise typer.Exit(130) from None
-    for side, (summary, _) in result.sides.items():
-        stdout.print(results_table(summary, side))
-    for warning in result.warnings:
-        log.warning(warning)
-    if result.exit_code:
-        log.error("every request failed; see the error fields in the journal")
-    exit_code = result.exit_code
-    if run_config.baseline is not None:
-        document, gate_exit = compare_run(live_config, plans, result, stored_baseline, probe, operating=operating)
-        print_comparison(document)
-        exit_code = max(exit_code, gate_exit)
-    if run_config.leaderboard is not None:
-        Path(run_config.leaderboard).mkdir(parents=True, exist_ok=True)
-        rows = write_leaderboard(Path(run_config.leaderboard), [result.run_dir])
-        log.info("leaderboard: %d rows in %s/leaderboard.{md,html}", rows, run_config.leaderboard)
-    stdout.print(str(result.run_dir), highlight=False, soft_wrap=True)
-    if exit_code:
-        raise typer.Exit(exit_code)
+    for side, summary in outcome.summaries.items():
+        stdout.print(results_table(file_payload(summary), side))
+    if outcome.comparison is not None:
+        print_comparison(file_payload(outcome.comparison))
+    stdout.print(str(outcome.run_dir), highlight=False, soft_wrap=True)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 def print_comparison(document: dict[str, Any]) -> None:

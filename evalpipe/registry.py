@@ -13,37 +13,46 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evalpipe import __version__
-from evalpipe.comparison import SideOutcomes, TaskResult, outcome_codes
+from evalpipe.comparison import TaskResult
 from evalpipe.config import DEFAULT_SPENDING, REGISTRY_NAME
-from evalpipe.errors import UserError
 from evalpipe.data import question_order_key
 from evalpipe.divergence import DivergenceNull
+from evalpipe.errors import UserError
 from evalpipe.journal import latest_by_key, read_journal
-from evalpipe.leaderboard import LeaderboardRun, render_html, render_markdown
+from evalpipe.outcomes import SideOutcomes, outcome_codes
 from evalpipe.records import SampleRecord
-from evalpipe.report import write_json
-from evalpipe.runner import RESOLVED_CONFIG
+from evalpipe.run_files import (
+    CANDIDATE,
+    DIVERGENCE_NULL_FILE,
+    GENERATIONS_FILE,
+    REGISTRY_FILE,
+    SCHEMA_VERSION,
+    SIDES,
+    RegistryEntry,
+    SideSummary,
+    check_schema_version,
+    file_payload,
+    journal_path,
+    read_document,
+    read_file,
+    read_resolved_config,
+    read_summary,
+    write_file,
+    write_json,
+)
+from evalpipe.version import __version__
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY_DIR = "results/baselines"
-REGISTRY_FILE = "baseline.json"
-# The answers (no prompts) of the stored side, for the divergence probe (evalpipe.probe). GPQA's terms forbid
-# putting its text where crawlers can read it, and answers quote the question, so its answers are not stored.
-GENERATIONS_FILE = "generations.jsonl"
+# GPQA's terms forbid putting its text where crawlers can read it, and answers quote the question, so its answers
+# are not stored in generations.jsonl.
 UNSTORED_TASKS = ("gpqa_diamond",)
-# The divergence probe's null measured for the stored baseline (`evalpipe baseline calibrate-divergence`).
-DIVERGENCE_NULL_FILE = "divergence_null.json"
 REGISTRY_FORMAT = 1
-SIDES = ("candidate", "baseline")
 # Sampling settings that must agree between compared sides (samples may differ: the comparison pairs means).
 COMPARED_SAMPLING = ("temperature", "top_p", "max_tokens")
 ENDPOINT_FIELDS = ("model", "base_url", "quantization", "engine")
@@ -63,22 +72,6 @@ def _compared_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return {name: sampling.get(name) for name in COMPARED_SAMPLING}
 
 
-def read_resolved_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RESOLVED_CONFIG
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not an evalpipe run directory (no {RESOLVED_CONFIG})")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-
 @dataclass(frozen=True)
 class _RunSide:
     saved: dict[str, Any]  # the resolved config
@@ -94,15 +87,14 @@ def _read_run_side(run_dir: Path, side: str) -> _RunSide:
     spec = saved.get(side) or {}
     if not spec:
         raise UserError(f"{run_dir} has no {side} side")
-    journal = run_dir / side / "journal.jsonl"
+    journal = journal_path(run_dir, side)
     records = read_journal(journal)
     if not records:
         raise UserError(f"{journal}: no results (journal missing or empty)")
-    summary = _read_json(run_dir / side / "summary.json", "the run did not finish; complete it with --resume")
-    return _RunSide(saved, spec, records, summary)
+    return _RunSide(saved, spec, records, file_payload(read_summary(run_dir, side)))
 
 
-def load_run_side(run_dir: Path, side: str = "candidate") -> StoredSide:
+def load_run_side(run_dir: Path, side: str = CANDIDATE) -> StoredSide:
     """One side of a run directory; a run's baseline side that came from the registry loads that entry."""
     saved = read_resolved_config(run_dir)
     spec = saved.get(side) or {}
@@ -138,7 +130,7 @@ def registry_names(registry_dir: str | Path = DEFAULT_REGISTRY_DIR) -> list[str]
 
 
 def save_baseline(
-    run_dir: Path, name: str, *, side: str = "candidate", registry_dir: str | Path = DEFAULT_REGISTRY_DIR,
+    run_dir: Path, name: str, *, side: str = CANDIDATE, registry_dir: str | Path = DEFAULT_REGISTRY_DIR,
     force: bool = False,
 ) -> Path:
     """Store one side of a finished run under the registry; refuse to overwrite unless `force`."""
@@ -163,15 +155,15 @@ def save_baseline(
             "card_hash": info["card_hash"], "sampling": info["sampling"], "seed": info.get("seed"),
             "summary": run.summary.get("tasks", {}).get(task), "questions": dict(zip(ids, rows, strict=True)),
         }
-    document = {
-        "format": REGISTRY_FORMAT, "name": name, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "evalpipe_version": __version__, "label": run.spec.get("label"),
-        "endpoint": {k: run.spec.get(k) for k in ENDPOINT_FIELDS},
-        "source": {"run_dir": str(run_dir), "run_id": resolved.get("run_id"), "side": side,
-                   "config_name": run.saved.get("name")},
-        "tasks": tasks,
-    }
-    write_json(path, document)
+    document = RegistryEntry(
+        format=REGISTRY_FORMAT, name=name, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        evalpipe_version=__version__, label=run.spec.get("label"),
+        endpoint={k: run.spec.get(k) for k in ENDPOINT_FIELDS},
+        source={"run_dir": str(run_dir), "run_id": resolved.get("run_id"), "side": side,
+                "config_name": run.saved.get("name")},
+        tasks=tasks,
+    )
+    write_file(path, document)
     rows = generation_rows(run.records)
     (path.parent / GENERATIONS_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
                                                encoding="utf-8")
@@ -199,68 +191,29 @@ def load_registry(name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR) ->
         known = registry_names(registry_dir)
         raise UserError(f"baseline {name!r} not found in {registry_dir} (stored: {known or 'none'}); "
                         "create it with `evalpipe baseline save RUN_DIR --name NAME`")
-    document = _read_json(path, "a baseline registry entry")
-    if document.get("format") != REGISTRY_FORMAT:
-        raise UserError(f"{path}: unsupported registry format {document.get('format')!r}")
+    document = read_file(path, RegistryEntry)
+    if document.format != REGISTRY_FORMAT:
+        raise UserError(f"{path}: unsupported registry format {document.format!r}")
     tasks = {
-        task: TaskResult(entry["card_hash"], _compared_sampling(entry["sampling"]),
-                         SideOutcomes.from_codes(list(entry["questions"]), list(entry["questions"].values())))
-        for task, entry in document["tasks"].items()
+        task: TaskResult(entry.card_hash, _compared_sampling(entry.sampling),
+                         SideOutcomes.from_codes(list(entry.questions), list(entry.questions.values())))
+        for task, entry in document.tasks.items()
     }
-    summary = {"run_id": document["source"].get("run_id"), "config_name": document["source"].get("config_name"),
-               "label": document.get("label"),
-               "tasks": {task: entry["summary"] for task, entry in document["tasks"].items() if entry["summary"]}}
-    return StoredSide(source=f"registry:{name}", label=document.get("label") or name,
-                      run_id=document["source"].get("run_id"), endpoint=document.get("endpoint", {}),
-                      summary=summary, tasks=tasks)
+    summary = file_payload(SideSummary(
+        run_id=document.source.run_id, config_name=document.source.config_name, label=document.label,
+        tasks={task: entry.summary for task, entry in document.tasks.items() if entry.summary}))
+    return StoredSide(source=f"registry:{name}", label=document.label or name, run_id=document.source.run_id,
+                      endpoint=document.endpoint, summary=summary, tasks=tasks)
 
 
 def resolve_side(reference: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR) -> StoredSide:
     """A run directory (its candidate side) or a registry name."""
     path = Path(reference)
     if path.is_dir():
-        return load_run_side(path, "candidate")
+        return load_run_side(path, CANDIDATE)
     if "/" in reference or reference.startswith("."):
         raise UserError(f"{reference}: no such run directory")
     return load_registry(reference, registry_dir)
-
-
-def leaderboard_runs(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> list[LeaderboardRun]:
-    """Every finished run (its candidate side and comparison) and stored baseline under `results_dir`, plus the
-    runs in `extra_run_dirs` (a run written outside the results folder)."""
-    runs = []
-    found = set(results_dir.glob("**/candidate/summary.json"))
-    found |= {d / "candidate" / "summary.json" for d in extra_run_dirs if (d / "candidate" / "summary.json").is_file()}
-    for summary_path in sorted({p.resolve() for p in found}):
-        run_dir = summary_path.parent.parent
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            spec = read_resolved_config(run_dir).get("candidate") or {}
-            comparison_path = run_dir / "comparison.json"
-            comparison = json.loads(comparison_path.read_text(encoding="utf-8")) if comparison_path.is_file() else None
-        except (UserError, json.JSONDecodeError, OSError) as exc:
-            log.warning("skipping %s: %s", run_dir, exc)
-            continue
-        runs.append(LeaderboardRun(summary.get("run_id") or run_dir.name, summary.get("label") or "?",
-                                   spec.get("quantization"), spec.get("engine"), summary, comparison))
-    for entry in sorted(results_dir.glob(f"**/{REGISTRY_FILE}")):
-        stored = load_registry(entry.parent.name, entry.parent.parent)
-        runs.append(LeaderboardRun(f"baseline:{entry.parent.name}", stored.label, stored.endpoint.get("quantization"),
-                                   stored.endpoint.get("engine"), stored.summary))
-    return sorted(runs, key=lambda run: run.run_id)
-
-
-def write_leaderboard(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> int:
-    """Rewrite `results_dir`/leaderboard.md and leaderboard.html (with the runs of `extra_run_dirs` too);
-    returns the number of rows."""
-    if not results_dir.is_dir():
-        raise UserError(f"{results_dir}: no such results folder")
-    runs = leaderboard_runs(results_dir, extra_run_dirs)
-    if not runs:
-        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
-    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
-    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
-    return len(runs)
 
 
 def save_divergence_null(null: DivergenceNull, name: str, registry_dir: str | Path = DEFAULT_REGISTRY_DIR,
@@ -273,7 +226,7 @@ def save_divergence_null(null: DivergenceNull, name: str, registry_dir: str | Pa
     path = entry.parent / DIVERGENCE_NULL_FILE
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to replace it")
-    write_json(path, {"format": REGISTRY_FORMAT, "name": name,
+    write_json(path, {"schema_version": SCHEMA_VERSION, "format": REGISTRY_FORMAT, "name": name,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **null.to_dict()})
     return path
 
@@ -283,7 +236,8 @@ def load_divergence_null(name: str, registry_dir: str | Path = DEFAULT_REGISTRY_
     if not path.is_file():
         raise UserError(f"baseline {name!r} has no divergence null ({path} not found); measure it with "
                         "`evalpipe baseline calibrate-divergence RUN_DIR ... --name NAME`")
-    document = _read_json(path, "a divergence null")
+    document = read_document(path, "a divergence null")
+    check_schema_version(path, document)
     try:
         return DivergenceNull.from_dict(document)
     except (KeyError, TypeError, ValueError) as exc:

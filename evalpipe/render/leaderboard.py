@@ -1,8 +1,9 @@
-"""Leaderboard rendering: results/leaderboard.md and a self-contained results/leaderboard.html (pure).
+"""Leaderboard rendering: results/leaderboard.md and a self-contained results/leaderboard.html.
 
-Input is one `LeaderboardRun` per run: the candidate side's summary.json and, when the run had a baseline,
-its comparison.json, as plain dicts. The HTML page has no external resources: inline CSS, a few lines of
-inline JavaScript to sort columns, and one inline SVG chart per task (accuracy with 95% CI whiskers).
+Input is one `LeaderboardRun` per run (evalpipe.tables collects them), turned into one DataFrame row per run by
+`evalpipe.tables.leaderboard_frame`; both renderings read that frame. The HTML page has no external resources:
+inline CSS, a few lines of inline JavaScript to sort columns, and one inline SVG chart per task (accuracy with 95%
+CI whiskers).
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 
-@dataclass(frozen=True)
-class LeaderboardRun:
-    run_id: str
-    label: str
-    quantization: str | None
-    engine: str | None
-    summary: dict  # the candidate's summary.json
-    comparison: dict | None = None  # comparison.json, when the run had a baseline
+from evalpipe.errors import UserError
+from evalpipe.tables import LeaderboardRun, leaderboard_frame, leaderboard_runs
 
 
 @dataclass(frozen=True)
@@ -36,85 +33,70 @@ def _finite(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _tasks(runs: Sequence[LeaderboardRun]) -> list[str]:
-    seen: dict[str, None] = {}
-    for run in runs:
-        seen.update(dict.fromkeys(run.summary.get("tasks", {})))
-    return list(seen)
-
-
-def _accuracy_cell(task: dict | None) -> Cell:
-    acc = _finite((task or {}).get("accuracy"))
+def _accuracy_cell(acc: float | None, lo: float | None, hi: float | None) -> Cell:
+    acc = _finite(acc)
     if acc is None:
         return Cell("-", -math.inf)
-    lo, hi = ((task or {}).get("ci95") or [None, None])[:2]
     ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if _finite(lo) is not None and _finite(hi) is not None else ""
     return Cell(f"{100 * acc:.1f}{ci}", acc)
 
 
-def _delta_cell(comparison: dict | None, task: str) -> Cell:
-    entry = ((comparison or {}).get("tasks") or {}).get(task)
-    delta = _finite((entry or {}).get("delta"))
+def _delta_cell(delta: float | None, verdict: str | None) -> Cell:
+    delta = _finite(delta)
     if delta is None:
         return Cell("-", -math.inf)
-    verdict = entry.get("verdict", "")
+    verdict = verdict if isinstance(verdict, str) else ""
     return Cell(f"{100 * delta:+.1f} ({verdict})", delta, f"verdict-{verdict}")
 
 
-def _rate_cell(task: dict | None, key: str) -> Cell:
-    rate = _finite((task or {}).get(key))
+def _rate_cell(rate: float | None) -> Cell:
+    rate = _finite(rate)
     return Cell("-", -math.inf) if rate is None else Cell(f"{100 * rate:.1f}%", rate)
 
 
-def _tokens_cell(task: dict | None) -> Cell:
-    mean = _finite(((task or {}).get("completion_tokens") or {}).get("mean"))
+def _tokens_cell(mean: float | None) -> Cell:
+    mean = _finite(mean)
     return Cell("-", -math.inf) if mean is None else Cell(f"{mean:.0f}", mean)
 
 
 def _text_cell(value: str | None) -> Cell:
+    value = value if isinstance(value, str) else None
     return Cell(value or "-", value or "")
 
 
-def _divergence(run: LeaderboardRun) -> dict | None:
-    return (run.comparison or {}).get("divergence")
-
-
-def _kld_cell(section: dict | None) -> Cell:
-    stats = (section or {}).get("statistics")
-    if not stats:
+def _kld_cell(value: float | None, lo: float, hi: float, verdict: str) -> Cell:
+    if _finite(value) is None:
         return Cell("-", math.inf)  # sorts after every measured divergence
-    kld = stats["mean_kld"]
-    lo, hi = kld["ci95"]
-    verdict = section.get("verdict", "")
-    return Cell(f"{kld['value']:.4f} [{lo:.4f}, {hi:.4f}] ({verdict})", kld["value"], f"verdict-{verdict}")
+    return Cell(f"{value:.4f} [{lo:.4f}, {hi:.4f}] ({verdict})", value, f"verdict-{verdict}")
 
 
-def _top1_cell(section: dict | None) -> Cell:
-    stats = (section or {}).get("statistics")
-    if not stats:
-        return Cell("-", -math.inf)
-    return Cell(f"{100 * stats['top1_agreement']['value']:.2f}", stats["top1_agreement"]["value"])
+def _top1_cell(value: float | None) -> Cell:
+    value = _finite(value)
+    return Cell("-", -math.inf) if value is None else Cell(f"{100 * value:.2f}", value)
 
 
 def table(runs: Sequence[LeaderboardRun]) -> tuple[list[str], list[list[Cell]]]:
     """Header and rows shared by the markdown and HTML renderings. Runs with a divergence probe add its mean KL
     divergence (nats, 95% CI, verdict) and top-1 agreement."""
-    tasks = _tasks(runs)
-    with_probe = any(_divergence(run) for run in runs)
+    frame = leaderboard_frame(runs)
+    tasks = frame.attrs["tasks"]
+    with_probe = "divergence/kld" in frame
     header = ["run", "label", "quantization", "engine"]
     for task in tasks:
         header += [f"{task} acc % [95% CI]", f"{task} Δ pts (verdict)", f"{task} truncated", f"{task} tokens"]
     if with_probe:
         header += ["divergence KLD [95% CI] (verdict)", "top-1 agree %"]
     rows = []
-    for run in runs:
-        row = [_text_cell(run.run_id), _text_cell(run.label), _text_cell(run.quantization), _text_cell(run.engine)]
+    for _, run in frame.iterrows():
+        row = [_text_cell(run["run"]), _text_cell(run["label"]), _text_cell(run["quantization"]),
+               _text_cell(run["engine"])]
         for task in tasks:
-            entry = run.summary.get("tasks", {}).get(task)
-            row += [_accuracy_cell(entry), _delta_cell(run.comparison, task), _rate_cell(entry, "truncation_rate"),
-                    _tokens_cell(entry)]
+            row += [_accuracy_cell(run[f"{task}/accuracy"], run[f"{task}/ci95_low"], run[f"{task}/ci95_high"]),
+                    _delta_cell(run[f"{task}/delta"], run[f"{task}/verdict"]),
+                    _rate_cell(run[f"{task}/truncation_rate"]), _tokens_cell(run[f"{task}/completion_tokens"])]
         if with_probe:
-            row += [_kld_cell(_divergence(run)), _top1_cell(_divergence(run))]
+            row += [_kld_cell(run["divergence/kld"], run["divergence/kld_low"], run["divergence/kld_high"],
+                              run["divergence/verdict"]), _top1_cell(run["divergence/top1_agreement"])]
         rows.append(row)
     return header, rows
 
@@ -178,9 +160,9 @@ def _x(fraction: float) -> float:
     return _LABEL_WIDTH + max(0.0, min(1.0, fraction)) * (_CHART_WIDTH - _LABEL_WIDTH - _MARGIN)
 
 
-def _chart(task: str, runs: Sequence[LeaderboardRun]) -> str:
+def _chart(task: str, frame: pd.DataFrame) -> str:
     """Accuracy per run with 95% CI whiskers; a hollow diamond marks the run's baseline accuracy."""
-    height = _MARGIN * 2 + _ROW_HEIGHT * len(runs)
+    height = _MARGIN * 2 + _ROW_HEIGHT * len(frame)
     e = html.escape
     parts = [f'<svg class="task-chart" data-task="{e(task)}" xmlns="http://www.w3.org/2000/svg" '
              f'width="{_CHART_WIDTH}" height="{height}" role="img" aria-label="{e(task)} accuracy with 95% CI">',
@@ -190,29 +172,27 @@ def _chart(task: str, runs: Sequence[LeaderboardRun]) -> str:
         x = _x(tick / 100)
         parts.append(f'<line x1="{x:.1f}" y1="{_MARGIN - 4}" x2="{x:.1f}" y2="{axis_y}" stroke="#e3e3e3"/>')
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 12}" text-anchor="middle">{tick}</text>')
-    for i, run in enumerate(runs):
+    for i, (_, run) in enumerate(frame.iterrows()):
         y = _MARGIN + _ROW_HEIGHT * i + _ROW_HEIGHT / 2
-        parts.append(f'<text x="{_LABEL_WIDTH - 6}" y="{y + 4:.1f}" text-anchor="end">{e(run.label)}</text>')
-        entry = run.summary.get("tasks", {}).get(task) or {}
-        acc = _finite(entry.get("accuracy"))
+        parts.append(f'<text x="{_LABEL_WIDTH - 6}" y="{y + 4:.1f}" text-anchor="end">{e(run["label"])}</text>')
+        acc = _finite(run[f"{task}/accuracy"])
         if acc is None:
             continue
-        lo, hi = (entry.get("ci95") or [None, None])[:2]
+        lo, hi = run[f"{task}/ci95_low"], run[f"{task}/ci95_high"]
         if _finite(lo) is not None and _finite(hi) is not None:
             x0, x1 = _x(lo), _x(hi)
             parts.append(f'<g class="whisker"><line x1="{x0:.1f}" y1="{y:.1f}" x2="{x1:.1f}" y2="{y:.1f}" '
                          f'stroke="#555"/><line x1="{x0:.1f}" y1="{y - 5:.1f}" x2="{x0:.1f}" y2="{y + 5:.1f}" '
                          f'stroke="#555"/><line x1="{x1:.1f}" y1="{y - 5:.1f}" x2="{x1:.1f}" y2="{y + 5:.1f}" '
                          f'stroke="#555"/></g>')
-        base = _finite(((((run.comparison or {}).get("tasks") or {}).get(task) or {}).get("baseline") or {})
-                       .get("accuracy"))
+        base = _finite(run[f"{task}/baseline_accuracy"])
         if base is not None:
             bx = _x(base)
             parts.append(f'<path class="baseline" d="M{bx:.1f} {y - 5:.1f} L{bx + 5:.1f} {y:.1f} L{bx:.1f} '
                          f'{y + 5:.1f} L{bx - 5:.1f} {y:.1f} Z" fill="none" stroke="#c05000">'
                          f'<title>baseline {100 * base:.1f}%</title></path>')
         parts.append(f'<circle class="point" cx="{_x(acc):.1f}" cy="{y:.1f}" r="4" fill="#1f5fbf">'
-                     f'<title>{e(run.label)}: {100 * acc:.1f}%</title></circle>')
+                     f'<title>{e(run["label"])}: {100 * acc:.1f}%</title></circle>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -232,7 +212,8 @@ def render_html(runs: Sequence[LeaderboardRun]) -> str:
                 f"{math.copysign(1e308, cell.sort):g}" if math.isinf(cell.sort) else repr(cell.sort))
             cells.append(f'<td class="{css}" data-value="{e(value)}">{e(cell.text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    charts = "\n".join(_chart(task, runs) for task in _tasks(runs))
+    frame = leaderboard_frame(runs)
+    charts = "\n".join(_chart(task, frame) for task in frame.attrs["tasks"])
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -259,3 +240,16 @@ Click a column header to sort.</p>
 </body>
 </html>
 """
+
+
+def write_leaderboard(results_dir: Path, extra_run_dirs: Sequence[Path] = ()) -> int:
+    """Rewrite `results_dir`/leaderboard.md and leaderboard.html (with the runs of `extra_run_dirs` too);
+    returns the number of rows."""
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir}: no such results folder")
+    runs = leaderboard_runs(results_dir, extra_run_dirs)
+    if not runs:
+        raise UserError(f"{results_dir}: no finished runs (candidate/summary.json) or stored baselines found")
+    (results_dir / "leaderboard.md").write_text(render_markdown(runs), encoding="utf-8")
+    (results_dir / "leaderboard.html").write_text(render_html(runs), encoding="utf-8")
+    return len(runs)

@@ -1,6 +1,6 @@
-"""Commands on stored results: `compare`, `gate`, `plan`, `baseline save`, `leaderboard`.
+"""Commands on stored results: `compare`, `gate`, `plan`, `baseline save`, `leaderboard`, `export`.
 
-User mistakes print one line on stderr and exit 2 (see orchestrator_cli.user_errors); `gate` exits like `run`
+User mistakes print one line on stderr and exit 2 (see evalpipe.console.user_errors); `gate` exits like `run`
 with a gate: 0 pass, 1 regression or inconclusive-as-fail, 2 config error, 3 infrastructure error.
 """
 
@@ -14,19 +14,13 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import typer
 
-from evalpipe.comparison import (
-    IncomparableError,
-    TaskComparison,
-    compare_sides,
-    comparison_document,
-    setting_differences,
-)
-from evalpipe.config import RegistrySide
+from evalpipe.cli.run import print_comparison
+from evalpipe.comparison import IncomparableError, TaskComparison, compare_sides, setting_differences
+from evalpipe.config import COMMAND_LINE_FIELDS, GateConfig
+from evalpipe.console import setup_logging, stdout, user_errors
+from evalpipe.decision import Decision, decide
+from evalpipe.divergence_probe import load_probe
 from evalpipe.errors import UserError
-from evalpipe.compare_report import comparison_markdown
-from evalpipe.gate import COMMAND_LINE_FIELDS, GateConfig, apply_gate
-from evalpipe.junit import junit_xml
-from evalpipe.orchestrator_cli import print_comparison, setup_logging, stdout, user_errors
 from evalpipe.operating import DEFAULT_SIMS, DEFAULT_TRUNCATION, Settings, operating_characteristics
 from evalpipe.planning import (
     budget,
@@ -39,18 +33,18 @@ from evalpipe.planning import (
     plan_rows,
     planning_baseline,
 )
-from evalpipe.probe import add_probe_section, load_probe
-from evalpipe.runner import plan_from_config
-from evalpipe.stored import (
+from evalpipe.registry import (
     DEFAULT_REGISTRY_DIR,
     StoredSide,
     load_registry,
     load_run_side,
-    read_resolved_config,
     resolve_side,
     save_baseline,
-    write_leaderboard,
 )
+from evalpipe.render.comparison import comparison_markdown
+from evalpipe.render.junit import junit_xml
+from evalpipe.run_files import EXPORT_DIR, SideReference, file_payload, read_comparison, read_resolved_config
+from evalpipe.runner import plan_from_config
 from evalpipe.validation import validated
 
 log = logging.getLogger(__name__)
@@ -118,15 +112,20 @@ def _compare(candidate: StoredSide, baseline: StoredSide, gate: GateConfig, forc
     return comparisons
 
 
-def _document(comparisons: dict[str, TaskComparison], candidate: StoredSide, baseline: StoredSide) -> dict[str, Any]:
-    document = comparison_document(comparisons)
-    for name, side in (("candidate", candidate), ("baseline", baseline)):
-        document[name] = {"label": side.label, "source": side.source, "run_id": side.run_id}
+def _reference(side: StoredSide) -> SideReference:
+    return SideReference(label=side.label, source=side.source, run_id=side.run_id)
+
+
+def _forced_differences(candidate: StoredSide, baseline: StoredSide) -> list[str]:
     forced = setting_differences(candidate.tasks, baseline.tasks)
     if forced:
-        document["forced_differences"] = forced
         log.warning("compared across different protocols or sampling (--force): %s", "; ".join(forced))
-    return document
+    return forced
+
+
+def _write_document(path: Path, decision: Decision) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(file_payload(decision.document), indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,22 +146,17 @@ def compare(
     candidate, baseline = load_run_side(run_a), resolve_side(run_b, registry_dir)
     settings = _gate_settings(run_a, margin, alpha)
     comparisons = _compare(candidate, baseline, settings, force)
-    document = _document(comparisons, candidate, baseline)
-    _record(document, _missing_tasks(candidate, baseline), command_line_overrides(run_a, settings, list(comparisons)))
+    decision = decide(comparisons, _reference(candidate), _reference(baseline),
+                      forced_differences=_forced_differences(candidate, baseline),
+                      missing_tasks=_missing_tasks(candidate, baseline),
+                      overrides=command_line_overrides(run_a, settings, list(comparisons)))
     if json_out is not None:
-        json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    print_comparison(document)
+        _write_document(json_out, decision)
+    print_comparison(file_payload(decision.document))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # evalpipe gate
-
-
-def _record(document: dict[str, Any], missing: dict[str, str], overrides: list[dict[str, Any]]) -> None:
-    if missing:
-        document["missing_tasks"] = missing
-    if overrides:
-        document["overrides"] = overrides
 
 
 def _gate_operating(run_dir: Path, own_baseline: bool, overrides: list[dict[str, Any]], candidate: StoredSide,
@@ -170,11 +164,9 @@ def _gate_operating(run_dir: Path, own_baseline: bool, overrides: list[dict[str,
                     ) -> dict[str, Any] | None:
     """The operating characteristics of the gate as applied: the ones the run stated before it started when
     nothing changed, else simulated anew from this baseline's per-question outcomes and these settings."""
-    stated = run_dir / "comparison.json"
-    if own_baseline and not overrides and stated.is_file():
-        recorded = json.loads(stated.read_text(encoding="utf-8")).get("operating_characteristics")
-        if recorded is not None:
-            return recorded
+    stated = read_comparison(run_dir) if own_baseline and not overrides else None
+    if stated is not None and stated.operating_characteristics is not None:
+        return stated.operating_characteristics.model_dump()
     designs = []
     for task, comparison in comparisons.items():
         outcomes = reference.tasks[task].outcomes
@@ -224,25 +216,24 @@ def gate(
                         "would not be gated (give --allow-missing-tasks to gate the rest and record them)")
     settings = _gate_settings(run_dir, margin, alpha, on_inconclusive)
     comparisons = _compare(candidate, reference, settings, force)
-    document = _document(comparisons, candidate, reference)
     overrides = command_line_overrides(run_dir, settings, list(comparisons))
-    _record(document, {task: f"{why} (--allow-missing-tasks)" for task, why in missing.items()}, overrides)
-    # The divergence probe measured the candidate against the run's own baseline server: it counts only there.
-    probe = load_probe(run_dir) if baseline is None else None
-    probe_outcome = add_probe_section(document, probe, settings) if probe is not None else None
-    result = apply_gate(comparisons, settings, probe_outcome)
-    document["gate"] = result.to_dict()
-    operating = _gate_operating(run_dir, baseline is None, overrides, candidate, reference, settings, comparisons)
-    if operating is not None:
-        document["operating_characteristics"] = operating
+    not_compared = {task: f"{why} (--allow-missing-tasks)" for task, why in missing.items()}
+    decision = decide(
+        comparisons, _reference(candidate), _reference(reference), gate=settings,
+        # The divergence probe measured the candidate against the run's own baseline server: it counts only there.
+        probe=load_probe(run_dir) if baseline is None else None,
+        forced_differences=_forced_differences(candidate, reference), missing_tasks=not_compared,
+        overrides=overrides,
+        operating=_gate_operating(run_dir, baseline is None, overrides, candidate, reference, settings, comparisons))
+    result = decision.gate
+    document = file_payload(decision.document)
     print_comparison(document)
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(result, overrides=overrides, not_compared=document.get("missing_tasks")),
                          encoding="utf-8")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        _write_document(json_out, decision)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(comparison_markdown(document), encoding="utf-8")
@@ -332,10 +323,29 @@ def leaderboard(
     results_dir: Annotated[Path, typer.Argument(help="results folder holding runs and baselines")] = Path("results"),
 ) -> None:
     """Write RESULTS_DIR/leaderboard.md and a self-contained RESULTS_DIR/leaderboard.html (a row per run)."""
+    from evalpipe.render.leaderboard import write_leaderboard  # pandas is imported here: `evalpipe --help` stays fast
+
     setup_logging(False)
     rows = write_leaderboard(results_dir)
     stdout.print(f"{rows} rows: {results_dir / 'leaderboard.md'}, {results_dir / 'leaderboard.html'}",
                  highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evalpipe export
+
+
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    file_format: Annotated[str, typer.Option("--format", help="csv or parquet")] = "csv",
+    out: Annotated[Path | None, typer.Option("--out", help="folder for the files; default RUN_DIR/export")] = None,
+) -> None:
+    """Write the run's tables (samples, questions side by side, summary) as csv or parquet files."""
+    from evalpipe.tables import export_run  # pandas is imported here, so that `evalpipe --help` stays fast
+
+    setup_logging(False)
+    for path in export_run(run_dir, out or run_dir / EXPORT_DIR, file_format):
+        stdout.print(str(path), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -344,3 +354,4 @@ def register(app: typer.Typer) -> None:
     app.command("plan")(user_errors(plan))
     app.add_typer(baseline_app, name="baseline")
     app.command("leaderboard")(user_errors(leaderboard))
+    app.command("export")(user_errors(export))

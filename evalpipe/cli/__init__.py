@@ -1,13 +1,14 @@
 """The one command-line entry point: `evalpipe <command>`.
 
-Each command lives in the module that owns its work; this file only wires them together.
+Each command lives in a module of this package named for its work (run, results, calibrate); this file only
+wires them together.
 """
 
 from __future__ import annotations
 
 import typer
 
-from evalpipe import calibrate_cli, compare_cli, orchestrator_cli
+from evalpipe.cli import calibrate, results, run
 from evalpipe.interop import cli as interop_cli
 from runtime.server import cli as serve_cli
 from runtime.tools import cli as runtime_cli
@@ -20,9 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-orchestrator_cli.register(app)
-compare_cli.register(app)
-calibrate_cli.register(compare_cli.baseline_app)
+run.register(app)
+results.register(app)
+calibrate.register(results.baseline_app)
 interop_cli.register(app)
 runtime_cli.register(app)
 serve_cli.register(app)
