@@ -65,14 +65,20 @@ def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_
 
 
 class _Scratch:
-    """Split-K workspace and arrival counters, kept per device (counters must start at zero; kernels re-zero them)."""
+    """Split-K workspace and arrival counters, kept per device (counters must start at zero; kernels re-zero them).
+
+    Buffers outgrown by a larger call are kept, not freed: a CUDA graph captured earlier still uses them.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def get(self, device: torch.device, floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
         ws, counters = self._buffers.get(device, (None, None))
         if ws is None or ws.numel() < floats or counters.numel() < ints:
+            if ws is not None:
+                self._outgrown.append((ws, counters))
             ws = torch.empty(max(floats, 4), dtype=torch.float32, device=device)
             counters = torch.zeros(max(ints, 1), dtype=torch.int32, device=device)
             self._buffers[device] = (ws, counters)

@@ -46,6 +46,7 @@ class EngineOptions:
     block_size: int = 16
     kv_cache_gib: float | None = None  # None: 2 GiB on CPU, 80% of free memory on a GPU
     deterministic: bool = False  # batch-invariant numerics and scheduling (runtime.batch_invariant)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (runtime.engine.cuda_graphs)
 
 
 def _kv_budget_bytes(options: EngineOptions, device: torch.device) -> int:
@@ -85,7 +86,10 @@ def build_engine(model: CausalLM, tokenizer: Any, eos_token_ids: set[int], optio
     config = EngineConfig(max_model_len=max_model_len, num_blocks=num_blocks, block_size=options.block_size,
                           max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
                           vocab_size=vocab_size, deterministic=options.deterministic)
-    runner = ModelRunner(model, num_blocks, options.block_size, device, batch_invariant=options.deterministic)
+    # CUDA graphs on one GPU only: the ranks of tensor parallelism run their steps eagerly.
+    graph_batch = 0 if options.enforce_eager or wrap_runner is not None else options.max_num_seqs
+    runner = ModelRunner(model, num_blocks, options.block_size, device, batch_invariant=options.deterministic,
+                         cuda_graph_batch=graph_batch, max_model_len=max_model_len)
     return LLMEngine(wrap_runner(runner) if wrap_runner else runner, tokenizer, config, eos_token_ids)
 
 
@@ -121,6 +125,7 @@ class ServeOptions:
     tp: int = 1  # tensor-parallel ranks, one process each
     moe_parallel: str = "tp"  # routed experts: "tp" (intermediate dimension sharded) or "ep" (experts partitioned)
     deterministic: bool = False
+    enforce_eager: bool = False
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
@@ -133,7 +138,8 @@ class ServeOptions:
     def engine_options(self, config: CommonConfig) -> EngineOptions:
         return EngineOptions(max_model_len=self.max_model_len or config.max_position_embeddings,
                              max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic)
+                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic,
+                             enforce_eager=self.enforce_eager)
 
 
 def load_served_model(options: ServeOptions, parallel: ParallelContext, device: torch.device
