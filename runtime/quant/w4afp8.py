@@ -8,6 +8,8 @@ size G is read from the tensors' shapes (128 in SGLang's checkpoints, 64 allowed
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from runtime.backends import on_cpu, register_backend, select_backend
@@ -27,9 +29,10 @@ from runtime.quant.faults import plant_w4afp8_faults
 from runtime.quant.fp8 import Fp8BlockLinearMethod
 
 
-def _w4afp8_moe_cached(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                       expert_offset=0, w13_values=None, w2_values=None):
-    return nx.w4afp8_moe_ref(x, w13_values, w2_values, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+def _w4afp8_moe_cached(x, experts: nx.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                       w13_values=None, w2_values=None):
+    unpacked = replace(experts, w13=w13_values, w2=w2_values)
+    return nx.w4afp8_moe_ref(x, unpacked, topk_ids, topk_weights, routed_scaling_factor)
 
 
 def _unpack_experts(w13, w2, w13_scale, w2_scale) -> dict:
@@ -47,11 +50,11 @@ def _w4afp8_experts(x, f13, f2, a1, a2) -> torch.Tensor:
     return (a2 * torch.bmm(yq.transpose(0, 1), f2.transpose(1, 2))).to(torch.bfloat16)
 
 
-def _w4afp8_moe_batched(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                        expert_offset=0, w13_dequantized=None, w2_dequantized=None):
-    a1, a2 = a1.float(), a2.float()
+def _w4afp8_moe_batched(x, experts: nx.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                        w13_dequantized=None, w2_dequantized=None):
+    a1, a2 = experts.a1.float(), experts.a2.float()
     return batched_expert_moe(
-        x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+        x, topk_ids, topk_weights, experts.w13.shape[0], experts.expert_offset, routed_scaling_factor,
         lambda rows, sel: _w4afp8_experts(rows, w13_dequantized[sel], w2_dequantized[sel], a1, a2), torch.bfloat16,
     )
 
@@ -103,11 +106,11 @@ class W4AFp8MoEMethod(MoEMethod):
         self.extras = prepare_backend(self.backend, layer, names)
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
-        out = self.backend.run(
-            x, layer.w13_weight, layer.w2_weight, layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
-            layer.w13_input_scale, layer.w2_input_scale, topk_ids, topk_weights,
-            routed_scaling_factor=routed_scaling_factor, expert_offset=layer.expert_offset, **self.extras,
+        experts = nx.W4AFp8MoEWeights(
+            layer.w13_weight, layer.w2_weight, layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
+            layer.w13_input_scale, layer.w2_input_scale, expert_offset=layer.expert_offset,
         )
+        out = self.backend.run(x, experts, topk_ids, topk_weights, routed_scaling_factor, **self.extras)
         return out.to(x.dtype)
 
     def dequantized_expert(self, layer, e):
