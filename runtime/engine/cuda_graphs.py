@@ -11,8 +11,8 @@ and their hidden states are dropped. Prefill chunks, batches above the largest b
 the captured block tables run eagerly (ModelRunner).
 
 Attention metadata comes from `ForwardBatch.decode_context_lens` (runtime.layers.attention): device ops of fixed
-shape only. Kernels that read sizes back to the host cannot be captured; capture then fails and the runner stays
-eager for every bucket (logged).
+shape only. A step that reads back from the GPU (the torch reference MoE backends loop over the experts present)
+cannot be captured: the runner then stays eager for every bucket (logged).
 """
 
 from __future__ import annotations
@@ -89,14 +89,23 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, into one memory pool; on failure keep none (eager)."""
+        """Capture every bucket, largest first, into one memory pool; on failure keep none (eager).
+
+        Each bucket first runs outside the graph (Triton compiles, lazily grown workspaces reach this bucket's
+        size) with synchronising CUDA calls made errors: a step that reads back from the GPU cannot be captured,
+        and is found here, before a capture that would fail.
+        """
         start = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
+        b = self.buckets[-1]
         try:
             for b in reversed(self.buckets):
                 batch = self._batches[b]
-                # Outside the graph first: Triton compiles, lazily grown workspaces reach this bucket's size.
-                self.model.forward(batch)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    self.model.forward(batch)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
@@ -105,8 +114,8 @@ class DecodeGraphs:
         except RuntimeError as exc:
             self._graphs.clear()
             self._outputs.clear()
-            log.warning("CUDA graphs off, decode steps run eagerly: capturing batch %d failed (%s)", b,
-                        " ".join(str(exc).split())[:300])
+            log.warning("CUDA graphs off, decode steps run eagerly: the batch-%d decode step cannot be captured (%s)",
+                        b, " ".join(str(exc).split())[:200])
             return
         torch.cuda.synchronize(self.device)
         log.info("CUDA graphs: decode batches %s captured in %.1f s", self.buckets, time.monotonic() - start)
