@@ -68,3 +68,14 @@ def test_steps_the_graphs_cannot_take_run_eagerly(model):
     assert graphs.bucket([1, 5], 2) is None  # a prompt chunk
     assert graphs.bucket([1], 9) is None  # wider than max_model_len's blocks
     assert graphs.bucket([1] * 8, 8) == 8
+
+
+def test_enforce_eager_reaches_the_engine_options(tmp_path):
+    from types import SimpleNamespace
+
+    from runtime.server.launch import ServeOptions
+
+    options = ServeOptions.from_json(ServeOptions(model_dir=tmp_path, enforce_eager=True).to_json())
+    assert options.enforce_eager  # rank processes receive the options as JSON
+    assert options.engine_options(SimpleNamespace(max_position_embeddings=64)).enforce_eager
+    assert not ServeOptions(model_dir=tmp_path).engine_options(SimpleNamespace(max_position_embeddings=64)).enforce_eager
