@@ -2,8 +2,9 @@
 
 The cache holds zeros (the time of a decode step does not depend on the cached values); every sequence owns its
 blocks, handed out shuffled as the engine's allocator would after some traffic. Per batch size: the median step
-time over --steps timed steps after a warm-up, with the Triton MLA decode kernel and, with --compare-attention,
-with the torch attention path (runtime.layers.attention), plus the top kernels of one step (torch profiler).
+time over --steps timed steps after a warm-up, replayed from CUDA graphs (captured for --max-model-len, as the
+server does) and eagerly, both with the Triton MLA decode kernel, and with --compare-attention eagerly with the
+torch attention path (runtime.layers.attention); plus the top kernels of one step (torch profiler).
 
     python bench/decode_step.py --model R1_W4AFP8_DIR --batch 1 64 --context 1000 [--compare-attention]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -20,21 +22,9 @@ import torch
 
 from runtime.engine.model_runner import ModelRunner, StepInput
 from runtime.models import load_model
+from runtime.testing.decode_steps import decode_step_input
 
 BLOCK_SIZE = 16
-
-
-def decode_input(batch: int, context: int, num_blocks: int, gen: torch.Generator) -> StepInput:
-    blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
-    order = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq]
-    tables = order.view(batch, blocks_per_seq).long()
-    pos = torch.full((batch,), context, dtype=torch.long)
-    slots = tables[torch.arange(batch), pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-    empty = torch.empty(0, dtype=torch.long)
-    return StepInput(input_ids=torch.randint(100, 1000, (batch,), generator=gen), positions=pos,
-                     query_lens=[1] * batch, context_lens=[context + 1] * batch, block_tables=tables,
-                     slot_mapping=slots, sample_rows=torch.arange(batch), prompt_rows=empty, prompt_targets=empty,
-                     prompt_top_k=0)
 
 
 def time_steps(runner: ModelRunner, step: StepInput, warmup: int, steps: int) -> list[float]:
@@ -77,31 +67,41 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--compare-attention", action="store_true", help="also time the torch attention path")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context the CUDA graphs are captured for")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     model, _ = load_model(args.model, device="cuda", moe_backend=args.moe_backend)
     kernels = [layer.self_attn.decode_kernel for layer in model.model.layers]
     blocks_per_seq = -(-(args.context + 1) // BLOCK_SIZE)
     num_blocks = max(args.batch) * blocks_per_seq + 8
-    runner = ModelRunner(model, num_blocks, BLOCK_SIZE, torch.device("cuda"))
+    cuda = torch.device("cuda")
+    eager = ModelRunner(model, num_blocks, BLOCK_SIZE, cuda)
+    t = time.perf_counter()
+    graphed = ModelRunner(model, num_blocks, BLOCK_SIZE, cuda, cuda_graph_batch=max(args.batch),
+                          max_model_len=args.max_model_len)
+    capture_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
     print(f"# decode step: {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model.name}, "
-          f"moe backend {args.moe_backend}, context {args.context}")
+          f"moe backend {args.moe_backend}, context {args.context}; CUDA graphs "
+          f"{'captured in %.1f s' % capture_s if graphed.decode_graphs.captured else 'NOT captured (see log)'}")
     results = []
-    variants = [("triton-mla", True)] + ([("torch-attention", False)] if args.compare_attention else [])
+    variants = [("triton-mla+graphs", graphed, True), ("triton-mla", eager, True)]
+    if args.compare_attention:
+        variants.append(("torch-attention", eager, False))
     for batch in args.batch:
-        step = decode_input(batch, args.context, num_blocks, gen)
-        for name, use_kernel in variants:
+        step = decode_step_input(batch, args.context, num_blocks, BLOCK_SIZE, gen)
+        for name, runner, use_kernel in variants:
             if use_kernel and kernels[0] is None:
                 continue
             set_attention(model, use_kernel, kernels)
             times = time_steps(runner, step, args.warmup, args.steps)
             launches, top = top_kernels(runner, step)
-            row = {"batch": batch, "attention": name, "median_ms": statistics.median(times), "min_ms": min(times),
+            row = {"batch": batch, "variant": name, "median_ms": statistics.median(times), "min_ms": min(times),
                    "launches": launches, "top_kernels_ms": top}
             results.append(row)
-            print(f"batch {batch:3d} {name:16s} median {row['median_ms']:8.2f} ms  min {row['min_ms']:8.2f} ms  "
+            print(f"batch {batch:3d} {name:18s} median {row['median_ms']:8.2f} ms  min {row['min_ms']:8.2f} ms  "
                   f"{launches} kernel launches")
             for kernel, ms in top:
                 print(f"    {ms:8.3f} ms  {kernel}")

@@ -63,10 +63,11 @@ class ServerResult:
     levels: list[LevelResult] = field(default_factory=list)
     http_5xx: int = 0
     engine_errors: list[str] = field(default_factory=list)
+    eager: bool = False  # served with --enforce-eager (no CUDA graphs)
 
     @property
     def name(self) -> str:
-        return f"{self.variant}:{self.backend}"
+        return f"{self.variant}:{self.backend}" + (":eager" if self.eager else "")
 
 
 def scan_server_log(text: str) -> tuple[int, list[str]]:
@@ -240,12 +241,14 @@ def sweep_level(args, url: str, concurrency: int, num_prompts: int, output_len: 
     return json.loads(result_json.read_text())
 
 
-def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[list[int]], port: int) -> ServerResult:
-    result = ServerResult(variant, backend, started=False)
+def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[list[int]], port: int,
+              eager: bool = False) -> ServerResult:
+    result = ServerResult(variant, backend, started=False, eager=eager)
     url = f"http://127.0.0.1:{port}"
-    server_log = args.out_logs / f"server-{variant}-{backend}.log"
+    server_log = args.out_logs / f"server-{result.name.replace(':', '-')}.log"
     cmd = evalpipe_cmd("serve", "--model", str(model_dir), "--moe-backend", backend, "--port", str(port),
-                       "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs))
+                       "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+                       *(["--enforce-eager"] if eager else []))
     t = time.perf_counter()
     with open(server_log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
@@ -254,20 +257,19 @@ def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[l
         result.startup_s = time.perf_counter() - t
         if not result.started:
             return result
-        log.info("%s:%s up in %.0f s", variant, backend, result.startup_s)
+        log.info("%s up in %.0f s", result.name, result.startup_s)
         result.greedy = ask_greedy(url, prompts, args.greedy_tokens)
-        levels = sweep_levels(args.sweep, f"{variant}:{backend}", args.concurrency)
+        levels = sweep_levels(args.sweep, result.name, args.concurrency)
         levels = [0, *levels] if levels else []
         for c in levels:
             warmup = c == 0
             conc = args.warmup_concurrency if warmup else c
             n = conc if warmup else max(args.min_prompts, args.prompts_per_slot * c)
             summary = sweep_level(args, url, conc, n, args.warmup_output_len if warmup else args.output_len,
-                                  seed=c, tag=f"{variant}-{backend}-c{'warmup' if warmup else c}")
+                                  seed=c, tag=f"{result.name.replace(':', '-')}-c{'warmup' if warmup else c}")
             level = LevelResult(conc, summary, healthy(url), warmup)
             result.levels.append(level)
-            log.info("%s:%s concurrency %s: %s ok, %s failed, %.1f out tok/s, median ITL %.1f ms", variant, backend,
-                     level.label, summary.get("successful"), summary.get("failed"),
+            log.info("%s concurrency %s: %s ok, %s failed, %.1f out tok/s, median ITL %.1f ms", result.name, level.label, summary.get("successful"), summary.get("failed"),
                      summary.get("output_throughput", float("nan")), summary.get("itl_median", float("nan")))
             if not level.healthy_after:
                 break
@@ -324,7 +326,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "serving")
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--servers", default="w4afp8:torch,w4afp8:cutlass,w4afp8:triton,fp8:auto",
-                   help="variant:moe-backend, comma-separated; torch first (the greedy reference)")
+                   help="variant:moe-backend[:eager], comma-separated; torch first (the greedy reference); "
+                   ":eager serves with --enforce-eager (no CUDA graphs)")
     p.add_argument("--sweep", default="all", help="servers that get the load sweep: all, or comma-separated "
                    "SERVER or SERVER=C1/C2 (its own levels), e.g. w4afp8:cutlass,fp8:auto=1/16")
     p.add_argument("--layers", type=int, default=4)
@@ -362,8 +365,10 @@ def main() -> int:
     servers: list[ServerResult] = []
     problems: list[str] = []
     for i, spec in enumerate(args.servers.split(",")):
-        variant, backend = spec.split(":")
-        servers.append(serve_one(args, variant, backend, dirs[variant], prompts, args.port + i))
+        variant, backend, *mode = spec.split(":")
+        if mode not in ([], ["eager"]):
+            raise SystemExit(f"--servers: {spec!r} is not variant:backend or variant:backend:eager")
+        servers.append(serve_one(args, variant, backend, dirs[variant], prompts, args.port + i, eager=mode == ["eager"]))
         # Written after every server, so that a run cut short keeps what it measured.
         agreement = greedy_agreements(servers, lambda text: tok(text, add_special_tokens=False)["input_ids"])
         problems = [p for s in servers for p in failures(s)]

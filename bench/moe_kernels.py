@@ -81,6 +81,10 @@ class Layer:
         self.a2 = torch.tensor([10.0 / 448.0], device="cuda").to(torch.bfloat16).float()
         self.int4_bytes_per_expert = (w13.numel() + w2.numel() + 2 * (s13.numel() + s2.numel())) / shape.n_experts
 
+    def weights(self, tensors) -> numerics.W4AFp8MoEWeights:
+        """The moe.w4afp8 contract over these experts (checkpoint layout) or a backend's prepared copy of them."""
+        return numerics.W4AFp8MoEWeights(*tensors, self.a1, self.a2)
+
 
 def _rowwise_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, N, K] fp32 -> (e4m3 [E, N, K], fp32 [E, N]) with per-output-row scales."""
@@ -256,10 +260,10 @@ def run(args: argparse.Namespace) -> dict:
         x0, ids0, w0 = inputs[0]
         ref = None
         if m <= args.check_max_m:
-            ref = numerics.w4afp8_moe_ref(x0, *layer.experts, layer.a1, layer.a2, ids0, w0, 2.5).float()
+            ref = numerics.w4afp8_moe_ref(x0, layer.weights(layer.experts), ids0, w0, 2.5).float()
         for name, (backend, prepared) in backends.items():
-            def call(x, ids, w, backend=backend, prepared=prepared):
-                return backend(x, *prepared, layer.a1, layer.a2, ids, w, 2.5)
+            def call(x, ids, w, backend=backend, experts=layer.weights(prepared)):
+                return backend(x, experts, ids, w, 2.5)
 
             try:
                 row[name] = time_variant(call, inputs, args.iters, args.warmup)

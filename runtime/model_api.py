@@ -49,6 +49,10 @@ class ForwardBatch:
     block_size: int
     # True: each sequence's results must not depend on the other sequences of the batch (per-sequence attention).
     batch_invariant: bool = False
+    # Set by the CUDA-graph decode runner (runtime.engine.cuda_graphs) alone: every sequence has one new token, and
+    # these are their context lengths [B] on the device. Attention metadata is then built by device ops of fixed
+    # shape (block_tables' width), with nothing read back to the host, so that the step can be captured.
+    decode_context_lens: torch.Tensor | None = None
 
 
 class CausalLM(Protocol):

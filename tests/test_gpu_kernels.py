@@ -72,9 +72,9 @@ def test_moe_matches_reference(backend_name, shape_name, m, routing):
     backend, prepared = _prepared(backend_name, shape_name)
     shape = SHAPES[shape_name]
     case = synthetic_moe(shape, m, routing, "cuda", seed=m, experts=_layer(shape_name))
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights, 2.5, shape.expert_offset)
-    ref = numerics.w4afp8_moe_ref(case.x, *case.experts, *args)
-    _check(backend(case.x, *prepared, *args), ref)
+    routing = (case.topk_ids, case.topk_weights, 2.5)
+    ref = numerics.w4afp8_moe_ref(case.x, case.weights(expert_offset=shape.expert_offset), *routing)
+    _check(backend(case.x, case.weights(prepared, shape.expert_offset), *routing), ref)
 
 
 @pytest.mark.parametrize("shape_name", ["r1_tp8", "demo"])
@@ -84,17 +84,18 @@ def test_moe_saturating_activations_stay_finite(backend_name, shape_name):
     backend, prepared = _prepared(backend_name, shape_name)
     shape = SHAPES[shape_name]
     case = synthetic_moe(shape, 64, "uniform", "cuda", seed=7, experts=_layer(shape_name), x_scale=4.0)
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights, 1.0, shape.expert_offset)
-    _check(backend(case.x, *prepared, *args), numerics.w4afp8_moe_ref(case.x, *case.experts, *args))
+    routing = (case.topk_ids, case.topk_weights, 1.0)
+    _check(backend(case.x, case.weights(prepared, shape.expert_offset), *routing),
+           numerics.w4afp8_moe_ref(case.x, case.weights(expert_offset=shape.expert_offset), *routing))
 
 
 def test_cutlass_is_deterministic_with_split_k():
     backend, prepared = _prepared("cutlass", "r1_tp8")
     case = synthetic_moe(SHAPES["r1_tp8"], 1, "uniform", "cuda", seed=3, experts=_layer("r1_tp8"))
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
-    first = backend(case.x, *prepared, *args)
+    args = (case.x, case.weights(prepared), case.topk_ids, case.topk_weights)
+    first = backend(*args)
     for _ in range(3):
-        assert torch.equal(backend(case.x, *prepared, *args), first)
+        assert torch.equal(backend(*args), first)
 
 
 @pytest.mark.parametrize("groups_per_stage", [1, 2])
@@ -108,8 +109,9 @@ def test_cutlass_odd_group_counts(m, groups_per_stage):
     shape = MoEShape("odd_groups", 8, 8, 2, 384, 128, 128)
     case = synthetic_moe(shape, m, "uniform", "cuda", seed=m)
     backend = CutlassW4AFp8MoE(groups_per_stage=groups_per_stage)
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
-    _check(backend(case.x, *backend.prepare(*case.experts), *args), numerics.w4afp8_moe_ref(case.x, *case.experts, *args))
+    routing = (case.topk_ids, case.topk_weights)
+    _check(backend(case.x, case.weights(backend.prepare(*case.experts)), *routing),
+           numerics.w4afp8_moe_ref(case.x, case.weights(), *routing))
 
 
 @pytest.mark.parametrize("m", [1, 8, 300])
@@ -119,9 +121,9 @@ def test_cutlass_dependent_launch_gives_identical_results(m):
 
     backend, prepared = _prepared("cutlass", "r1_tp8")
     case = synthetic_moe(SHAPES["r1_tp8"], m, "skewed", "cuda", seed=11, experts=_layer("r1_tp8"))
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
-    plain = CutlassW4AFp8MoE(pdl=False)(case.x, *prepared, *args)
-    assert torch.equal(backend(case.x, *prepared, *args), plain)
+    args = (case.x, case.weights(prepared), case.topk_ids, case.topk_weights)
+    plain = CutlassW4AFp8MoE(pdl=False)(*args)
+    assert torch.equal(backend(*args), plain)
 
 
 @pytest.mark.parametrize("m", [8, 1000, 4096])
@@ -139,7 +141,7 @@ def test_cutlass_dependent_launch_reads_this_calls_routing(m):
     backend, prepared = _prepared("cutlass", "r1_tp8")
     plain = CutlassW4AFp8MoE(pdl=False)
     cases = [synthetic_moe(SHAPES["r1_tp8"], m, "uniform", "cuda", seed=s, experts=_layer("r1_tp8")) for s in (21, 22)]
-    calls = [((c.x, *prepared, c.a1, c.a2, c.topk_ids, c.topk_weights)) for c in cases]
+    calls = [(c.x, c.weights(prepared), c.topk_ids, c.topk_weights) for c in cases]
     expected = [plain(*args) for args in calls]
     mismatches = 0
     for i in range(60):

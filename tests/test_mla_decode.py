@@ -85,6 +85,28 @@ def test_mla_decode_path_matches_torch_attention(batch_invariant):
     torch.testing.assert_close(fast, MLAttention._attend(attn, rows, kv, meta), rtol=1e-4, atol=1e-5)
 
 
+def test_captured_decode_metadata_matches_the_eager_one():
+    """The CUDA-graph runner's metadata (device context lengths, block tables wider than any sequence, padded with
+    some block) through the kernel gives the eager step's attention."""
+    context_lens = [40, 17, 70]
+    q, kv, table = _paged_case(context_lens, torch.float32, seed=7)
+    slot_mapping = torch.stack([table[b, (c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for b, c in enumerate(context_lens)])
+    common = dict(input_ids=torch.zeros(3, dtype=torch.long), positions=torch.zeros(0), query_lens=[1, 1, 1],
+                  context_lens=context_lens, slot_mapping=slot_mapping, kv_caches=[kv], block_size=BLOCK)
+    eager = AttentionMetadata.from_batch(ForwardBatch(block_tables=table, **common))
+    wide = torch.cat((table.clamp(min=0), torch.zeros(3, 4, dtype=torch.long, device=DEVICE)), dim=1)
+    captured = AttentionMetadata.from_batch(ForwardBatch(
+        block_tables=wide, decode_context_lens=torch.tensor(context_lens, device=DEVICE), **common))
+    assert captured.spans == [] and captured.decode.blocks.shape[1] == table.shape[1] + 4
+    rows = torch.randn(3, HEADS, LATENT + ROPE, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    attn = SimpleNamespace(kv_lora=LATENT, scale=0.09, decode_kernel=mla_decode)
+    fast = MLAttention._attend(attn, rows, kv, captured)
+    attn.decode_kernel = None
+    torch.testing.assert_close(fast, MLAttention._attend(attn, rows, kv, eager), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(MLAttention._attend(attn, rows, kv, captured), MLAttention._attend(attn, rows, kv, eager),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_mla_decode_names_bad_widths():
     q, kv, table = _paged_case([4], torch.float32, seed=0)
     with pytest.raises(ValueError, match="powers of two >= 16"):

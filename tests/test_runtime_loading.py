@@ -5,6 +5,7 @@ import logging
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,10 +109,10 @@ def test_backend_selection_and_prepare(w4, monkeypatch):
         align = 4 if w13_scale.shape[2] % 4 == 0 else 1  # SGLang's kernel layout (numerics.interleave_scales)
         return {"w13_scale": nx.interleave_scales(w13_scale), "align": align}
 
-    def run(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0, expert_offset=0, align=None):
-        e, kga, na = w13_scale.shape  # undo the kernel layout and defer to the reference
-        plain = w13_scale.reshape(e, kga, na // align, align).permute(0, 2, 1, 3).reshape(e, na // align, kga * align)
-        return nx.w4afp8_moe_ref(x, w13, w2, plain, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+    def run(x, experts, topk_ids, topk_weights, routed_scaling_factor=1.0, align=None):
+        e, kga, na = experts.w13_scale.shape  # undo the kernel layout and defer to the reference
+        plain = experts.w13_scale.reshape(e, kga, na // align, align).permute(0, 2, 1, 3).reshape(e, na // align, kga * align)
+        return nx.w4afp8_moe_ref(x, replace(experts, w13_scale=plain), topk_ids, topk_weights, routed_scaling_factor)
 
     backends.register_backend("moe.w4afp8", "fake", run, prepare=prepare, priority=50)
     ids = list(range(3, 30))

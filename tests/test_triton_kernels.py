@@ -37,9 +37,9 @@ def test_triton_moe_matches_reference(shape_name, m, routing):
     shape = SMALL[shape_name]
     case = synthetic_moe(shape, m, routing, DEVICE, seed=m)
     backend = TritonW4AFp8MoE()
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights, 2.5, shape.expert_offset)
-    out = backend(case.x, *backend.prepare(*case.experts), *args)
-    ref = numerics.w4afp8_moe_ref(case.x, *case.experts, *args)
+    routing = (case.topk_ids, case.topk_weights, 2.5)
+    out = backend(case.x, case.weights(backend.prepare(*case.experts), shape.expert_offset), *routing)
+    ref = numerics.w4afp8_moe_ref(case.x, case.weights(expert_offset=shape.expert_offset), *routing)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=0.1)
     assert (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
@@ -49,10 +49,10 @@ def test_triton_moe_clamps_saturating_activations():
     shape = SMALL["g128"]
     case = synthetic_moe(shape, 6, "uniform", DEVICE, seed=1, x_scale=8.0)
     backend = TritonW4AFp8MoE()
-    args = (case.a1, case.a2, case.topk_ids, case.topk_weights)
-    out = backend(case.x, *backend.prepare(*case.experts), *args)
+    routing = (case.topk_ids, case.topk_weights)
+    out = backend(case.x, case.weights(backend.prepare(*case.experts)), *routing)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), numerics.w4afp8_moe_ref(case.x, *case.experts, *args).float(), rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(out.float(), numerics.w4afp8_moe_ref(case.x, case.weights(), *routing).float(), rtol=1e-2, atol=0.1)
 
 
 def test_route_builds_expert_sorted_tiles():
@@ -69,7 +69,7 @@ def test_backend_rejects_unprepared_weights():
     shape = SMALL["g128"]
     case = synthetic_moe(shape, 2, "uniform", DEVICE)
     with pytest.raises(ValueError, match="prepare"):
-        TritonW4AFp8MoE()(case.x, *case.experts, case.a1, case.a2, case.topk_ids, case.topk_weights)
+        TritonW4AFp8MoE()(case.x, case.weights(), case.topk_ids, case.topk_weights)
 
 
 @pytest.mark.parametrize("m,n,k", [(3, 200, 576), (17, 256, 384)])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.batch_invariant import batch_invariant_mode
+from runtime.engine.cuda_graphs import DecodeGraphs
 from runtime.model_api import CausalLM, ForwardBatch, allocate_kv_caches
 
 # Prompt-logprob rows turned into logits at once: bounds the [rows, vocab] fp32 temporary.
@@ -43,15 +44,29 @@ class StepOutput:
 
 class ModelRunner:
     """batch_invariant: run every step under runtime.batch_invariant's fixed-shape numerics and with per-sequence
-    attention, so that each sequence's logits do not depend on the rest of the batch (deterministic serving)."""
+    attention, so that each sequence's logits do not depend on the rest of the batch (deterministic serving).
+
+    cuda_graph_batch: on a CUDA device, decode steps of up to this many sequences are replayed from CUDA graphs
+    (runtime.engine.cuda_graphs) captured for contexts up to max_model_len; 0 (or a CPU, or batch_invariant):
+    every step runs eagerly.
+    """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, cuda_graph_batch: int = 0, max_model_len: int | None = None):
         self.model = model
         self.block_size = block_size
         self.device = device
         self.batch_invariant = batch_invariant
-        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, device)
+        graphs = cuda_graph_batch > 0 and device.type == "cuda" and not batch_invariant
+        # Graphs pad batches with rows that need a cache block no sequence owns: one more than the engine uses.
+        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks + (1 if graphs else 0), block_size, device)
+        self.decode_graphs = None
+        if graphs:
+            if max_model_len is None:
+                raise ValueError("cuda_graph_batch needs max_model_len (the width of the captured block tables)")
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_model_len, cuda_graph_batch,
+                                              pad_block=num_blocks, device=device)
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
@@ -60,18 +75,25 @@ class ModelRunner:
 
     def _execute(self, step: StepInput) -> StepOutput:
         dev = self.device
-        batch = ForwardBatch(
-            input_ids=step.input_ids.to(dev),
-            positions=step.positions.to(dev),
-            query_lens=step.query_lens,
-            context_lens=step.context_lens,
-            block_tables=step.block_tables.to(dev),
-            slot_mapping=step.slot_mapping.to(dev),
-            kv_caches=self.kv_caches,
-            block_size=self.block_size,
-            batch_invariant=self.batch_invariant,
-        )
-        hidden = self.model.forward(batch)
+        bucket = None
+        if self.decode_graphs is not None and self.decode_graphs.captured and not len(step.prompt_rows):
+            bucket = self.decode_graphs.bucket(step.query_lens, step.block_tables.shape[1])
+        if bucket is not None:
+            hidden = self.decode_graphs.run(step.input_ids, step.positions, step.slot_mapping, step.context_lens,
+                                            step.block_tables, bucket)
+        else:
+            batch = ForwardBatch(
+                input_ids=step.input_ids.to(dev),
+                positions=step.positions.to(dev),
+                query_lens=step.query_lens,
+                context_lens=step.context_lens,
+                block_tables=step.block_tables.to(dev),
+                slot_mapping=step.slot_mapping.to(dev),
+                kv_caches=self.kv_caches,
+                block_size=self.block_size,
+                batch_invariant=self.batch_invariant,
+            )
+            hidden = self.model.forward(batch)
         logits = self.model.compute_logits(hidden[step.sample_rows.to(dev)]).float()
         return StepOutput(logits, *self._score_prompt_rows(hidden, step))
 

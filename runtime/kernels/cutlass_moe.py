@@ -23,7 +23,7 @@ from runtime.kernels.moe_api import (
     tokens_per_tile,
 )
 from runtime.kernels.wgmma_layout import TILE_ROWS, pack_wgmma_a_operand, prepare_scales, swiglu_row_order
-from runtime.quant.numerics import FP8_DTYPE
+from runtime.quant.numerics import FP8_DTYPE, W4AFp8MoEWeights
 
 # CTAs per SM the work split aims for (split-K below it): enough weight streams in flight per SM. Measured on
 # H100 (results/kernels): 8 is best from 2 to 16 tokens and neutral above; a single token (8 tiles) does better
@@ -65,14 +65,20 @@ def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_
 
 
 class _Scratch:
-    """Split-K workspace and arrival counters, kept per device (counters must start at zero; kernels re-zero them)."""
+    """Split-K workspace and arrival counters, kept per device (counters must start at zero; kernels re-zero them).
+
+    Buffers outgrown by a larger call are kept, not freed: a CUDA graph captured earlier still uses them.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def get(self, device: torch.device, floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
         ws, counters = self._buffers.get(device, (None, None))
         if ws is None or ws.numel() < floats or counters.numel() < ints:
+            if ws is not None:
+                self._outgrown.append((ws, counters))
             ws = torch.empty(max(floats, 4), dtype=torch.float32, device=device)
             counters = torch.zeros(max(ints, 1), dtype=torch.int32, device=device)
             self._buffers[device] = (ws, counters)
@@ -80,7 +86,7 @@ class _Scratch:
 
 
 class CutlassW4AFp8MoE:
-    """Callable with the semantics of numerics.w4afp8_moe_ref on `prepare`d weights."""
+    """A moe.w4afp8 backend (numerics.W4AFp8MoEWeights) on `prepare`d weights."""
 
     name = "cutlass"
 
@@ -107,20 +113,9 @@ class CutlassW4AFp8MoE:
             w2_scale=prepare_scales(w2_scale),
         )
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        w13_scale: torch.Tensor,
-        w2_scale: torch.Tensor,
-        a1: torch.Tensor | float,
-        a2: torch.Tensor | float,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        routed_scaling_factor: float = 1.0,
-        expert_offset: int = 0,
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, experts: W4AFp8MoEWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 routed_scaling_factor: float = 1.0) -> torch.Tensor:
+        w13, w2, w13_scale, w2_scale = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
         if w13.dim() != 5:
             raise ValueError("cutlass backend: weights are in checkpoint layout; pass them through prepare() first")
         ext = build.load_extension()
@@ -135,7 +130,7 @@ class CutlassW4AFp8MoE:
         pairs = m * topk
         tile = tokens_per_tile(pairs, n_experts, self.token_tiles)
         max_tiles = max_token_tiles(pairs, n_experts, tile)
-        a1t, a2t = device_scalar(a1, dev), device_scalar(a2, dev)
+        a1t, a2t = device_scalar(experts.a1, dev), device_scalar(experts.a2, dev)
 
         xq = torch.empty(m, hidden, dtype=FP8_DTYPE, device=dev)
         expert_offsets = torch.empty(n_experts + 1, dtype=torch.int32, device=dev)
@@ -144,7 +139,7 @@ class CutlassW4AFp8MoE:
         tiles = torch.empty(max_tiles, 3, dtype=torch.int32, device=dev)
         num_tiles = torch.empty(1, dtype=torch.int32, device=dev)
         ext.route_and_quantize(
-            x.to(torch.bfloat16).contiguous(), topk_ids.contiguous(), a1t, n_experts, expert_offset, tile,
+            x.to(torch.bfloat16).contiguous(), topk_ids.contiguous(), a1t, n_experts, experts.expert_offset, tile,
             xq, expert_offsets, row_token, src2dst, tiles, num_tiles,
         )
 

@@ -1,10 +1,11 @@
 """What the fast W4AFP8 MoE backends share: the prepared-weights tuple and the tiling arithmetic.
 
-A backend object is called exactly like runtime.quant.numerics.w4afp8_moe_ref, except that the four weight
-tensors are the ones its `prepare` returned (once per layer after loading; layouts differ per backend):
+A backend object is called exactly like runtime.quant.numerics.w4afp8_moe_ref (the contract is
+numerics.W4AFp8MoEWeights), except that the four weight tensors are the ones its `prepare` returned (once per
+layer after loading; layouts differ per backend):
 
-    experts = backend.prepare(w13, w2, w13_scale, w2_scale)        # checkpoint layout in, backend layout out
-    out = backend(x, *experts, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+    prepared = backend.prepare(w13, w2, w13_scale, w2_scale)       # checkpoint layout in, backend layout out
+    out = backend(x, W4AFp8MoEWeights(*prepared, a1, a2, expert_offset), topk_ids, topk_weights, routed_scaling_factor)
 
 runtime.kernels registers them with runtime.backends ("moe.w4afp8": "cutlass", "triton").
 """

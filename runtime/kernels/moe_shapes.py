@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.kernels.moe_api import PreparedExperts
+from runtime.quant.numerics import W4AFp8MoEWeights
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class SyntheticMoE:
     a2: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
+
+    def weights(self, prepared: PreparedExperts | None = None, expert_offset: int = 0) -> W4AFp8MoEWeights:
+        """The backend contract's experts: these in checkpoint layout (the reference), or `prepared` by a backend."""
+        return W4AFp8MoEWeights(*(prepared if prepared is not None else self.experts), self.a1, self.a2, expert_offset)
 
 
 def random_experts(shape: MoEShape, device: torch.device | str, generator: torch.Generator | None = None) -> PreparedExperts:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from runtime.kernels.moe_api import PreparedExperts, check_moe_inputs, device_scalar, max_token_tiles, tokens_per_tile
 from runtime.kernels.triton_casts import INTERPRETED, to_bf16, to_e4m3
-from runtime.quant.numerics import FP8_DTYPE
+from runtime.quant.numerics import FP8_DTYPE, W4AFp8MoEWeights
 
 BLOCK_N = 64
 COMBINE_BLOCK = 512
@@ -148,7 +148,7 @@ def route(topk_ids: torch.Tensor, n_experts: int, expert_offset: int, tile: int,
 
 
 class TritonW4AFp8MoE:
-    """Callable with the semantics of numerics.w4afp8_moe_ref on `prepare`d weights."""
+    """A moe.w4afp8 backend (numerics.W4AFp8MoEWeights) on `prepare`d weights."""
 
     name = "triton"
 
@@ -161,20 +161,9 @@ class TritonW4AFp8MoE:
             w2_scale=w2_scale.to(torch.bfloat16).contiguous(),
         )
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        w13_scale: torch.Tensor,
-        w2_scale: torch.Tensor,
-        a1: torch.Tensor | float,
-        a2: torch.Tensor | float,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        routed_scaling_factor: float = 1.0,
-        expert_offset: int = 0,
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, experts: W4AFp8MoEWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 routed_scaling_factor: float = 1.0) -> torch.Tensor:
+        w13, w2, w13_scale, w2_scale = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
         n_experts, two_inter, half_hidden = w13.shape
         hidden, inter = 2 * half_hidden, two_inter // 2
         check_moe_inputs(x, topk_ids, topk_weights, hidden)
@@ -190,8 +179,8 @@ class TritonW4AFp8MoE:
         pairs = m * topk
         tile = tokens_per_tile(pairs, n_experts, TOKEN_TILES)
         max_tiles = max_token_tiles(pairs, n_experts, tile)
-        tiles, row_token, src2dst = route(topk_ids, n_experts, expert_offset, tile, max_tiles)
-        a1t, a2t = device_scalar(a1, dev), device_scalar(a2, dev)
+        tiles, row_token, src2dst = route(topk_ids, n_experts, experts.expert_offset, tile, max_tiles)
+        a1t, a2t = device_scalar(experts.a1, dev), device_scalar(experts.a2, dev)
         group1, group2 = hidden // w13_scale.shape[2], inter // w2_scale.shape[2]
 
         y = torch.empty(pairs, inter, dtype=FP8_DTYPE, device=dev)

@@ -32,6 +32,7 @@ class DecodeGroup:
     blocks: torch.Tensor  # [B, max_blocks] cache blocks of each sequence, padded with block 0
     block_size: int
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True = may attend (own tokens, inside the window)
+    context_lens: torch.Tensor  # [B] tokens in each sequence's cache, the new one included
 
 
 @dataclass
@@ -42,6 +43,8 @@ class AttentionMetadata:
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch, sliding_window: int | None = None) -> "AttentionMetadata":
+        if batch.decode_context_lens is not None:
+            return cls._for_captured_decode(batch, sliding_window)
         bs = batch.block_size
         device = batch.block_tables.device
         starts = [0]
@@ -73,8 +76,21 @@ class AttentionMetadata:
             if sliding_window is not None:
                 valid &= pos[None, :] >= ctx[:, None] - sliding_window
             decode = DecodeGroup(torch.tensor([starts[b] for b in decoding], device=device),
-                                 blocks.clamp(min=0), bs, valid[:, None, None, :])
+                                 blocks.clamp(min=0), bs, valid[:, None, None, :], ctx)
         return cls(spans, decode, batch.slot_mapping)
+
+    @classmethod
+    def _for_captured_decode(cls, batch: ForwardBatch, sliding_window: int | None) -> "AttentionMetadata":
+        """Every sequence one decode row, over all of block_tables' columns: fixed shapes, no host read-back."""
+        bs, ctx = batch.block_size, batch.decode_context_lens
+        device = batch.block_tables.device
+        pos = torch.arange(batch.block_tables.shape[1] * bs, device=device)
+        valid = pos[None, :] < ctx[:, None]
+        if sliding_window is not None:
+            valid &= pos[None, :] >= ctx[:, None] - sliding_window
+        rows = torch.arange(ctx.shape[0], device=device)
+        decode = DecodeGroup(rows, batch.block_tables.clamp(min=0), bs, valid[:, None, None, :], ctx)
+        return cls([], decode, batch.slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

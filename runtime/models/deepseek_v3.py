@@ -96,8 +96,7 @@ class MLAttention(nn.Module):
         if d is not None:
             offsets = torch.arange(d.block_size, device=d.blocks.device)
             slot_table = (d.blocks[:, :, None] * d.block_size + offsets).flatten(1)
-            context_lens = d.mask.flatten(1).sum(1)  # MLA has no sliding window: the mask is a prefix per sequence
-            out[d.rows] = self.decode_kernel(q[d.rows], kv_cache, slot_table, context_lens, self.kv_lora, self.scale)
+            out[d.rows] = self.decode_kernel(q[d.rows], kv_cache, slot_table, d.context_lens, self.kv_lora, self.scale)
         # A lone decoding sequence (and, in batch-invariant mode, every one) is a span with one new token that
         # sees its whole cache. Attended alone, with splits chosen from its own length: batch-invariant.
         single = [s for s in meta.spans if s.length == 1 and s.mask is None]

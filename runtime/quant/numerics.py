@@ -12,6 +12,8 @@ Conventions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -202,34 +204,47 @@ def w4afp8_gemm_ref(a_q: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Te
     return (alpha * acc).to(torch.bfloat16)
 
 
-def w4afp8_moe_ref(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    w13_scale: torch.Tensor,
-    w2_scale: torch.Tensor,
-    a1: torch.Tensor | float,
-    a2: torch.Tensor | float,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    routed_scaling_factor: float = 1.0,
-    expert_offset: int = 0,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class W4AFp8MoEWeights:
+    """One rank's W4AFP8 routed experts as every `moe.w4afp8` backend takes them (the backend contract):
+
+        out = backend(x, experts, topk_ids, topk_weights, routed_scaling_factor)  # bf16 [M, H]
+
+    x [M, H] (cast to bf16 first, as the server holds it); topk_ids [M, k] global expert ids; topk_weights [M, k]
+    fp32 (renormalised, routed scaling not applied); w4afp8_moe_ref gives the semantics.
+
+    The weight tensors are in checkpoint layout for the reference, or in the layout the backend's `prepare`
+    returned (runtime.kernels.moe_api). Checkpoint layout: w13 int8 [E, 2I, H/2] (gate rows then up rows), w2
+    int8 [E, H, I/2] (both may also be given unpacked, [E, 2I, H] and [E, H, I]); w13_scale [E, 2I, H/G] and
+    w2_scale [E, H, I/G] (rounded to bf16 by the reference). a1, a2: the layer's single activation scale per
+    GEMM (fp32 scalars, already bf16-rounded and maxed over experts by the loader). Experts outside
+    [expert_offset, expert_offset + E) belong to other ranks (EP) and are skipped.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    a1: torch.Tensor | float
+    a2: torch.Tensor | float
+    expert_offset: int = 0
+
+
+def w4afp8_moe_ref(x: torch.Tensor, experts: W4AFp8MoEWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   routed_scaling_factor: float = 1.0) -> torch.Tensor:
     """The W4AFP8 routed-expert MoE of one rank, per section 2.4. Returns bf16 [M, H] (before any all-reduce).
 
-    x: [M, H] (cast to bf16 first, as the server holds it); w13: int8 [E, 2I, H/2] (gate rows then up rows);
-    w2: int8 [E, H, I/2] (both may also be given unpacked, [E, 2I, H] and [E, H, I]); w13_scale [E, 2I, H/G] and w2_scale [E, H, I/G] (rounded to bf16 here);
-    a1, a2: the layer's single activation scale per GEMM (fp32 scalars, already bf16-rounded and maxed over
-    experts by the loader); topk_ids [M, k] global expert ids; topk_weights [M, k] fp32 (renormalised, routed
-    scaling not applied). Experts outside [expert_offset, expert_offset + E) belong to other ranks (EP) and are
-    skipped. The combine is fp32, routed_scaling_factor applied once, result cast to bf16.
+    Arguments as W4AFp8MoEWeights describes. The combine is fp32, routed_scaling_factor applied once, result
+    cast to bf16.
     """
+    w13, w2, w13_scale, w2_scale = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
+    a1, a2 = experts.a1, experts.a2
     m, h = x.shape
     n_local = w13.shape[0]
     inter = w13.shape[1] // 2
     xb = x.to(torch.bfloat16)
     out = torch.zeros(m, h, dtype=torch.float32, device=x.device)
-    local_ids = topk_ids.long() - expert_offset
+    local_ids = topk_ids.long() - experts.expert_offset
     for e in range(n_local):
         token_idx, slot = torch.nonzero(local_ids == e, as_tuple=True)
         if token_idx.numel() == 0:

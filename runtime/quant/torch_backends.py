@@ -5,6 +5,8 @@ weights unpacked or dequantized once at load (`prepare`) and experts batched. ru
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -113,9 +115,10 @@ def dequantize_fp8_linear(weight, weight_scale_inv, block) -> dict:
     return {"weight_dequantized": nx.dequantize_fp8_block(weight, weight_scale_inv, block)}
 
 
-def w4afp8_moe_cached(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                      expert_offset=0, w13_values=None, w2_values=None):
-    return nx.w4afp8_moe_ref(x, w13_values, w2_values, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor, expert_offset)
+def w4afp8_moe_cached(x, experts: nx.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                      w13_values=None, w2_values=None):
+    unpacked = replace(experts, w13=w13_values, w2=w2_values)
+    return nx.w4afp8_moe_ref(x, unpacked, topk_ids, topk_weights, routed_scaling_factor)
 
 
 def unpack_w4afp8_experts(w13, w2, w13_scale, w2_scale) -> dict:
@@ -133,11 +136,11 @@ def _w4afp8_experts(x, f13, f2, a1, a2) -> torch.Tensor:
     return (a2 * torch.bmm(yq.transpose(0, 1), f2.transpose(1, 2))).to(torch.bfloat16)
 
 
-def w4afp8_moe_batched(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights, routed_scaling_factor=1.0,
-                       expert_offset=0, w13_dequantized=None, w2_dequantized=None):
-    a1, a2 = a1.float(), a2.float()
+def w4afp8_moe_batched(x, experts: nx.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
+                       w13_dequantized=None, w2_dequantized=None):
+    a1, a2 = experts.a1.float(), experts.a2.float()
     return batched_expert_moe(
-        x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+        x, topk_ids, topk_weights, experts.w13.shape[0], experts.expert_offset, routed_scaling_factor,
         lambda rows, sel: _w4afp8_experts(rows, w13_dequantized[sel], w2_dequantized[sel], a1, a2), torch.bfloat16,
     )
 

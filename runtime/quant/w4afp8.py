@@ -51,11 +51,11 @@ class W4AFp8MoEMethod(MoEMethod):
         self.extras = prepare_backend(self.backend, layer, names)
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
-        out = self.backend.run(
-            x, layer.w13_weight, layer.w2_weight, layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
-            layer.w13_input_scale, layer.w2_input_scale, topk_ids, topk_weights,
-            routed_scaling_factor=routed_scaling_factor, expert_offset=layer.expert_offset, **self.extras,
+        experts = nx.W4AFp8MoEWeights(
+            layer.w13_weight, layer.w2_weight, layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
+            layer.w13_input_scale, layer.w2_input_scale, expert_offset=layer.expert_offset,
         )
+        out = self.backend.run(x, experts, topk_ids, topk_weights, routed_scaling_factor, **self.extras)
         return out.to(x.dtype)
 
     def dequantized_expert(self, layer, e):

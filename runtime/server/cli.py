@@ -53,6 +53,8 @@ def serve(
                                              "partitioned)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Batch-invariant numerics: a request's "
                                        "output does not depend on the other requests in the batch (slower)."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Run decode steps eagerly, without the "
+                                       "CUDA graphs captured per batch size at start-up (GPU only)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
     from runtime.server.launch import run_server  # heavy imports only when serving
@@ -64,7 +66,7 @@ def serve(
         host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
         reasoning_parser=reasoning_parser.value if reasoning_parser else None, tp=tp,
-        moe_parallel=moe_parallel.value, deterministic=deterministic,
+        moe_parallel=moe_parallel.value, deterministic=deterministic, enforce_eager=enforce_eager,
     ))
 
 

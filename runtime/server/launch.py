@@ -70,7 +70,10 @@ def build_engine(model: CausalLM, tokenizer: Any, eos_token_ids: set[int], optio
     config = EngineConfig(max_model_len=max_model_len, num_blocks=num_blocks, block_size=options.block_size,
                           max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
                           vocab_size=vocab_size, deterministic=options.deterministic)
-    runner = ModelRunner(model, num_blocks, options.block_size, device, batch_invariant=options.deterministic)
+    # CUDA graphs on one GPU only: the ranks of tensor parallelism run their steps eagerly.
+    graph_batch = 0 if options.enforce_eager or wrap_runner is not None else options.max_num_seqs
+    runner = ModelRunner(model, num_blocks, options.block_size, device, batch_invariant=options.deterministic,
+                         cuda_graph_batch=graph_batch, max_model_len=max_model_len)
     return LLMEngine(wrap_runner(runner) if wrap_runner else runner, tokenizer, config, eos_token_ids)
 
 

@@ -18,6 +18,7 @@ class EngineOptions:
     block_size: int = 16
     kv_cache_gib: float | None = None  # None: 2 GiB on CPU, 80% of free memory on a GPU
     deterministic: bool = False  # batch-invariant numerics and scheduling (runtime.batch_invariant)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (runtime.engine.cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ServeOptions:
     tp: int = 1  # tensor-parallel ranks, one process each
     moe_parallel: str = "tp"  # routed experts: "tp" (intermediate dimension sharded) or "ep" (experts partitioned)
     deterministic: bool = False
+    enforce_eager: bool = False
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
@@ -52,4 +54,5 @@ class ServeOptions:
     def engine_options(self, config: CommonConfig) -> EngineOptions:
         return EngineOptions(max_model_len=self.max_model_len or config.max_position_embeddings,
                              max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic)
+                             kv_cache_gib=self.kv_cache_gib, deterministic=self.deterministic,
+                             enforce_eager=self.enforce_eager)
