@@ -234,7 +234,12 @@ class TaskEntry(_Strict):
     max_samples: int | None = Field(default=None, ge=2)
     spending: SpendingShape | None = None  # the alpha-spending shape of samples: auto (evalpipe.adaptive)
     max_tokens: int | None = Field(default=None, ge=1)
-    limit: int | None = Field(default=None, ge=1)
+    # `limit: auto` (one-sample tasks): as many questions as the gate's margin needs at planning.power
+    # (evalpipe.stats.questions_needed, with the variance from planning.discordance or planning.accuracy)
+    limit: int | Literal["auto"] | None = None
+    # skip this many questions of the fixed order (after `subjects`) before `limit`: a later run extends an
+    # earlier prefix without repeating it
+    offset: int = Field(default=0, ge=0)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0)
@@ -258,6 +263,15 @@ class TaskEntry(_Strict):
             data = {"min_samples": DEFAULT_MIN_SAMPLES, "max_samples": DEFAULT_MAX_SAMPLES,
                     "spending": DEFAULT_SPENDING, **data}
         return data
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit_count_or_auto(cls, value: Any) -> Any:
+        count = isinstance(value, int) and not isinstance(value, bool)
+        if value is None or value == "auto" or (count and value >= 1):
+            return value
+        raise PydanticCustomError("limit", "Input should be a positive integer or 'auto', got {value}",
+                                  {"value": repr(value)})
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> TaskEntry:
@@ -339,8 +353,13 @@ class PlanningConfig(_Strict):
                                        description="per task: the baseline's expected accuracy, a fraction")
     truncation_rate: float = Field(default=0.04, ge=0.0, le=1.0,
                                    description="truncation assumed on both sides when none is measured")
+    discordance: dict[str, float] = Field(
+        default_factory=dict, description="per one-sample task: the expected share of questions the candidate and "
+                                          "the baseline answer differently (what `limit: auto` plans with)")
+    power: float = Field(default=0.8, gt=0.0, lt=1.0,
+                         description="limit: auto: P(pass) for a candidate as good as the baseline")
 
-    @field_validator("accuracy")
+    @field_validator("accuracy", "discordance")
     @classmethod
     def _fractions(cls, accuracy: dict[str, float]) -> dict[str, float]:
         bad = {task: value for task, value in accuracy.items() if not 0.0 <= value <= 1.0}
@@ -381,9 +400,13 @@ class RunConfig(_Strict):
                 self._check_divergence(i, entry)
             elif entry.adaptive and self.baseline is None:
                 raise ValueError(f"tasks.{i}.samples: 'auto' needs a baseline (its verdict decides when to stop)")
-        unknown_prior = sorted(set(self.planning.accuracy) - set(names))
-        if unknown_prior:
-            raise ValueError(f"planning.accuracy: {unknown_prior} are not tasks of this run ({names})")
+        for field in ("accuracy", "discordance"):
+            unknown_prior = sorted(set(getattr(self.planning, field)) - set(names))
+            if unknown_prior:
+                raise ValueError(f"planning.{field}: {unknown_prior} are not tasks of this run ({names})")
+        for i, entry in enumerate(self.tasks):
+            if isinstance(entry, TaskEntry) and entry.limit == "auto" and self.gate is None:
+                raise ValueError(f"tasks.{i}.limit: 'auto' plans for the gate's margin; add gate:")
         if self.gate is not None:
             if self.baseline is None:
                 raise ValueError("gate: needs a baseline to compare against (add baseline:)")

@@ -63,9 +63,10 @@ def load_questions(card: TaskCard, data_dir: Path | None) -> list[Question]:
 
 
 def select_questions(
-    card: TaskCard, questions: list[Question], *, limit: int | None, subjects: list[str] | None, where: str
+    card: TaskCard, questions: list[Question], *, limit: int | None, subjects: list[str] | None, where: str,
+    offset: int = 0,
 ) -> list[Question]:
-    """Apply a config's `subjects` (exact label match) then `limit` (prefix of the fixed order)."""
+    """Apply a config's `subjects` (exact label match), then `offset` and `limit` (a slice of the fixed order)."""
     if subjects:
         present = {q.labels["subject"] for q in questions if "subject" in q.labels}
         if not present:
@@ -75,7 +76,9 @@ def select_questions(
             raise UserError(f"{where}.subjects: unknown subject(s) {unknown} for task {card.name}")
         wanted = set(subjects)
         questions = [q for q in questions if q.labels.get("subject") in wanted]
-    return questions[:limit] if limit is not None else questions
+    if offset >= len(questions):
+        raise UserError(f"{where}.offset: {offset} skips all {len(questions)} questions of task {card.name}")
+    return questions[offset:offset + limit] if limit is not None else questions[offset:]
 
 
 # ---------------------------------------------------------------------------------------------------------

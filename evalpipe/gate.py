@@ -205,7 +205,8 @@ def decide_task(comparison: TaskComparison, rule: TaskGate) -> TaskDecision:
                                      f"{status}, on_uninformative); choose a task where the models score")
     elif result == "inconclusive" and verdict == "inconclusive":
         reasons.insert(len(errored), f"inconclusive (counted as {status}): the bounds straddle the margin; add "
-                                     "samples or widen the margin; `evalpipe plan` shows what is needed")
+                                     "questions (or samples, where answers are sampled) or widen the margin; "
+                                     "`evalpipe plan` shows what is needed")
     elif result == "inconclusive":
         reasons.append(f"counted as {status} (on_inconclusive)")
     return TaskDecision(comparison.task, status, verdict, describe(comparison), tuple(reasons), result,  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ from evalpipe.run_files import (
     write_config_file,
     write_file,
 )
+from evalpipe.stats import questions_needed
 from evalpipe.scoring import LOGLIKELIHOOD_RULE, continuation_logprob, loglikelihood_choice, score_response
 from evalpipe.task_plan import SampleRequest, TaskPlan, build_task_plan
 from evalpipe.version import __version__
@@ -72,11 +73,40 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
             temperature=entry.temperature, top_p=entry.top_p, max_tokens=entry.max_tokens,
             samples=entry.planned_samples,
         )
-        questions = select_questions(
-            card, load_questions(card, data_dir), limit=entry.limit, subjects=entry.subjects, where=where
-        )
+        questions = load_questions(card, data_dir)
+        limit = auto_limit(config, entry, card.sampling.samples, where) if entry.limit == "auto" else entry.limit
+        questions = select_questions(card, questions, limit=limit, subjects=entry.subjects, where=where,
+                                     offset=entry.offset)
         plans.append(build_task_plan(card, questions, samples=card.sampling.samples, seed=entry.seed))
     return config, plans
+
+
+def auto_limit(config: RunConfig, entry: TaskEntry, samples: int, where: str) -> int:
+    """`limit: auto`: the questions a one-sample task needs for its gate margin at planning.power (a candidate
+    as good as the baseline passes with that probability), from the paired difference's variance: the stated
+    discordance, else 2 p (1 - p) at the stated prior accuracy, else the worst case p = 0.5."""
+    if samples != 1:
+        raise UserError(f"{where}.limit: 'auto' chooses questions for one-sample tasks (log-likelihood or greedy); "
+                        f"this task takes {samples} samples: set limit and let `evalpipe plan` choose samples")
+    assert config.gate is not None  # the config refuses limit: auto without a gate
+    rule, planning = config.gate.for_task(entry.task), config.planning
+    if entry.task in planning.discordance:
+        variance = planning.discordance[entry.task]
+        source = f"stated discordance {100 * variance:.1f}%"
+    else:
+        p = planning.accuracy.get(entry.task, 0.5)
+        variance = 2 * p * (1 - p)
+        source = (f"two independent sides at the stated prior {100 * p:.1f}%" if entry.task in planning.accuracy
+                  else "worst case, two independent sides at p = 0.5")
+    if rule.margin <= 0:
+        raise UserError(f"{where}.limit: 'auto' needs a positive gate margin for {entry.task}")
+    needed = questions_needed(rule.margin, variance, alpha=rule.alpha, power=planning.power)
+    if needed is None:
+        raise UserError(f"{where}.limit: no number of questions reaches margin {100 * rule.margin:.1f} pts")
+    log.info("%s.limit: auto -> %d questions (margin %.1f pts, alpha %g, power %g; variance %.3f: %s%s)", where,
+             needed, 100 * rule.margin, rule.alpha, planning.power, variance, source,
+             f", {planning.source}" if planning.source else "")
+    return needed
 
 
 def data_source(config: RunConfig) -> str:

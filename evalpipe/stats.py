@@ -306,6 +306,45 @@ def minimum_detectable_effect(
     return (_t_quantile(1.0 - alpha, df) + _t_quantile(power, df)) * se
 
 
+def questions_needed(
+    margin: float,
+    variance: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    max_questions: int = 1_000_000,
+) -> int | None:
+    """Smallest number of questions (one sample per question on each side) whose one-sided level-alpha test
+    passes at `margin` with probability `power` when candidate and baseline are equally good.
+
+    variance: of one question's paired difference c_i - b_i. For deterministic answers (log-likelihood or
+    greedy) that is the share of questions the two sides answer differently (at no true difference); two
+    independently sampled sides give 2 p (1 - p). None when even max_questions is not enough.
+    """
+    if not margin > 0.0:
+        raise ValueError(f"margin must be positive for planning, got {margin}")
+    if not 0.0 <= variance <= 1.0:
+        raise ValueError(f"variance of a paired 0/1 difference is in [0, 1], got {variance}")
+    _check_level("alpha", alpha)
+    _check_level("power", power)
+    floor = _floor_sum_of_squares(1, 1)
+
+    def detectable(n: int) -> float:  # the test's floored standard error, as paired_stderr applies it
+        se = math.sqrt(max(variance, floor / (n - 1)) / n)
+        return (_t_quantile(1.0 - alpha, n - 1) + _t_quantile(power, n - 1)) * se
+
+    if detectable(max_questions) > margin:
+        return None
+    low, high = 2, max_questions  # detectable() falls as n grows: bisect for the first n that reaches margin
+    while low < high:
+        mid = (low + high) // 2
+        if detectable(mid) <= margin:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
 def samples_needed(
     n_questions: int,
     margin: float,

@@ -51,6 +51,18 @@ def test_order_is_fixed_and_limit_takes_a_prefix() -> None:
     assert len({q.labels["subject"] for q in ten}) > 2  # the hashed order spreads a prefix over subjects
 
 
+def test_offset_continues_a_prefix_without_repeating_it() -> None:
+    card = load_card("aime24")
+    questions = load_questions(card, SHARED_DATA)
+    first = select_questions(card, questions, limit=10, subjects=None, where="tasks.0")
+    then = select_questions(card, questions, limit=10, subjects=None, where="tasks.0", offset=10)
+    rest = select_questions(card, questions, limit=None, subjects=None, where="tasks.0", offset=25)
+    assert [q.id for q in first + then] == [q.id for q in questions[:20]]
+    assert [q.id for q in rest] == [q.id for q in questions[25:]]
+    with pytest.raises(UserError, match=r"tasks\.0\.offset: 30 skips all 30 questions of task aime24"):
+        select_questions(card, questions, limit=5, subjects=None, where="tasks.0", offset=30)
+
+
 def test_mmlu_subjects_filter_and_unknown_subject() -> None:
     card = load_card("mmlu")
     questions = load_questions(card, SHARED_DATA)

@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from evalpipe.cards import TaskCard, load_card
+from evalpipe.errors import UserError
 from evalpipe.journal import read_journal
 from evalpipe.runner import plan_from_config
 from evalpipe.scoring import continuation_logprob, loglikelihood_choice
+from evalpipe.stats import questions_needed
 from evalpipe.testing.fake_server import FakeServer, answer_key_for_plans
 from orch_helpers import needs_shared_data, run_cli, write_config
 
@@ -134,3 +136,24 @@ def test_the_lm_eval_comparison_counts_choices_and_pairs_the_difference() -> Non
     assert result["same_choice"] == 0.75 and result["acc_difference"] == 0.25
     assert result["acc_difference_ci95"][0] < 0.25 < result["acc_difference_ci95"][1]
     assert result["abs_logprob_difference"] == {"mean": 0.3125, "max": 1.0}
+
+
+@needs_shared_data
+def test_limit_auto_takes_the_questions_the_margin_needs(tmp_path: Path) -> None:
+    """`limit: auto` on a one-sample card: the planner's count (evalpipe.stats.questions_needed) from the stated
+    discordance, else from the stated accuracy as two independent sides; refused where samples decide instead."""
+    side = {"label": "base", "base_url": "http://127.0.0.1:9/v1", "model": "fake-model"}
+    tasks = [{"task": "mmlu_cloze_loglik", "limit": "auto"}, {"task": "gpqa_diamond_loglik", "limit": "auto"}]
+    gate = {"margin": 0.08, "tasks": {"gpqa_diamond_loglik": {"margin": 0.2}}}
+    planning = {"discordance": {"mmlu_cloze_loglik": 0.10}, "accuracy": {"gpqa_diamond_loglik": 0.25}}
+    config = write_config(tmp_path / "c.yaml", "http://127.0.0.1:9/v1", tasks, baseline=side, gate=gate,
+                          planning=planning)
+    _, plans = plan_from_config(str(config))
+    assert [len(p.questions) for p in plans] == [99, questions_needed(0.2, 2 * 0.25 * 0.75)] == [99, 60]
+    sampled = write_config(tmp_path / "s.yaml", "http://127.0.0.1:9/v1",
+                           [{"task": "mmlu", "limit": "auto", "samples": 4}], baseline=side, gate={"margin": 0.1})
+    with pytest.raises(UserError, match=r"tasks\.0\.limit: 'auto' chooses questions for one-sample tasks"):
+        plan_from_config(str(sampled))
+    ungated = write_config(tmp_path / "u.yaml", "http://127.0.0.1:9/v1", tasks[:1], baseline=side)
+    result = run_cli("run", str(ungated), "--dry-run")
+    assert result.exit_code == 2 and "tasks.0.limit: 'auto' plans for the gate's margin" in result.output

@@ -1,6 +1,7 @@
 """The quickstart pipeline (configs/quickstart.yaml, shrunk to CI size) with real servers of our runtime on the
 demo model: the clean W4AFP8 candidate passes, a candidate with a planted fault fails on the divergence probe
-while the accuracy tasks cannot tell, and the baseline against itself (A/A) passes with zero divergence."""
+(at this size, 4 MMLU questions, accuracy cannot tell; the full quickstart's 64 fail it by accuracy too), and the
+baseline against itself (A/A) passes with zero divergence."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def shrunk_quickstart(tmp_path: Path, name: str, variant: str = "w4afp8", fault:
         {"task": "math500", "samples": 1, "limit": 8, "max_tokens": 48},
         {"task": "divergence", "tasks": ["math500"], "limit": 8, "max_tokens": 48},
     ]
+    names = {task["task"] for task in config["tasks"]}
+    config["gate"]["tasks"] = {task: rule for task, rule in config["gate"].get("tasks", {}).items() if task in names}
+    config.pop("planning", None)  # its priors name the full quickstart's tasks
     config["preflight"] = {"enabled": False}  # no pilot batch: one decode pass less
     # 384 scored positions instead of the quickstart's 2,048 give wider intervals: gate between the clean build
     # (measured mean KLD 0.29, upper bound 0.46: 8 short answers spread skewed) and the planted fault (0.97, lower
@@ -63,7 +67,7 @@ def test_planted_fault_fails_on_the_divergence_probe(tmp_path: Path) -> None:
     assert code == 1, output
     gate = comparison["gate"]["tasks"]
     assert gate["divergence"]["status"] == "fail" and comparison["divergence"]["verdict"] == "fail"
-    assert all(gate[task]["status"] == "pass" for task in ("mmlu", "math500"))  # accuracy cannot see it
+    assert all(gate[task]["status"] == "pass" for task in ("mmlu", "math500"))  # 4 questions cannot see it
     servers = Path(comparison["candidate"]["source"]).parent / "servers"
     assert "PLANTED FAULT" in (servers / "candidate.log").read_text()
     assert "PLANTED FAULT" not in (servers / "baseline.log").read_text()

@@ -9,7 +9,9 @@ from evalpipe.stats import (
     VarianceComponents,
     minimum_detectable_effect,
     noninferiority,
+    noninferiority_rows,
     paired_difference,
+    questions_needed,
     samples_needed,
     variance_components,
 )
@@ -164,6 +166,32 @@ def test_samples_needed_is_the_smallest_k_that_reaches_the_margin():
     assert fixed is not None and fixed < k
     with pytest.raises(ValueError, match="margin"):
         samples_needed(30, 0.0)
+
+
+def test_questions_needed_is_the_smallest_n_that_reaches_the_margin():
+    n = questions_needed(0.08, 0.10)
+    assert n == 99  # (t_0.95 + t_0.8) * sqrt(0.10 / n) <= 0.08 first at n = 99
+    assert questions_needed(0.08, 0.10, max_questions=98) is None
+    assert questions_needed(0.05, 0.10) > n > questions_needed(0.10, 0.10)  # a tighter margin needs more
+    assert questions_needed(0.08, 0.39) > 3 * n  # independent sides at p = 0.27 vs 10% discordance
+    with pytest.raises(ValueError, match="margin"):
+        questions_needed(0.0, 0.1)
+    with pytest.raises(ValueError, match="variance"):
+        questions_needed(0.05, 1.5)
+
+
+@pytest.mark.parametrize(("discordance", "margin"), [(0.10, 0.08), (0.20, 0.05), (0.04, 0.03)])
+def test_questions_needed_reaches_the_planned_power_by_simulation(discordance, margin):
+    """Deterministic sides that answer a share `discordance` of the questions differently, half of those in
+    each direction (no true difference): at the planned n the shipped test passes about 80% of runs."""
+    n = questions_needed(margin, discordance, alpha=0.05, power=0.8)
+    rng = np.random.default_rng(18)
+    u = rng.random((4000, n))
+    diffs = np.where(u < discordance / 2, 1.0, np.where(u < discordance, -1.0, 0.0))
+    verdicts = noninferiority_rows(diffs, np.zeros_like(diffs), 1, 1, margin, 0.05).verdict
+    assert 0.76 <= np.mean(verdicts == "pass") <= 0.88
+    fewer = noninferiority_rows(diffs[:, : n // 2], np.zeros((4000, n // 2)), 1, 1, margin, 0.05).verdict
+    assert np.mean(fewer == "pass") < 0.7  # half the questions fall short of the power
 
 
 # ---- Monte-Carlo checks: the test keeps its level and reaches the planned power -------------------------
