@@ -3,8 +3,9 @@
 Operations and the call each backend's `run` implements (the torch reference in runtime.quant.numerics defines
 the semantics; faster backends must match it within the kernel-test tolerance):
 
-- "moe.w4afp8": run(x, w13, w2, w13_scale, w2_scale, a1, a2, topk_ids, topk_weights,
-  routed_scaling_factor=1.0, expert_offset=0, **prepared_extras) -> bf16 [M, H], as numerics.w4afp8_moe_ref.
+- "moe.w4afp8": run(x, experts: numerics.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
+  **prepared_extras) -> bf16 [M, H], as numerics.w4afp8_moe_ref (`experts` holds the packed weights, their
+  group scales, the activation scales a1/a2 and the expert offset).
 - "moe.fp8":  run(x, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, routed_scaling_factor=1.0,
   expert_offset=0, block=(128, 128)) -> [M, H] in x.dtype (FP8 block experts, dynamic 1x128 activations;
   w13_scale holds the gate blocks then the up blocks).
