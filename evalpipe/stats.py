@@ -33,6 +33,7 @@ Design choices (why, briefly):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -333,16 +334,7 @@ def questions_needed(
         se = math.sqrt(max(variance, floor / (n - 1)) / n)
         return (_t_quantile(1.0 - alpha, n - 1) + _t_quantile(power, n - 1)) * se
 
-    if detectable(max_questions) > margin:
-        return None
-    low, high = 2, max_questions  # detectable() falls as n grows: bisect for the first n that reaches margin
-    while low < high:
-        mid = (low + high) // 2
-        if detectable(mid) <= margin:
-            high = mid
-        else:
-            low = mid + 1
-    return low
+    return _smallest_reaching(detectable, margin, 2, max_questions)
 
 
 def samples_needed(
@@ -368,9 +360,14 @@ def samples_needed(
             n_questions, k, k if k_baseline is None else k_baseline, alpha=alpha, power=power, components=components
         )
 
-    if detectable(max_samples) > margin:
+    return _smallest_reaching(detectable, margin, 1, max_samples)
+
+
+def _smallest_reaching(detectable: Callable[[int], float], margin: float, low: int, high: int) -> int | None:
+    """The smallest count in [low, high] whose detectable effect is <= margin (detectable falls as the count
+    grows, so bisect); None when even `high` does not reach it."""
+    if detectable(high) > margin:
         return None
-    low, high = 1, max_samples  # detectable() falls as k grows: bisect for the first k that reaches margin
     while low < high:
         mid = (low + high) // 2
         if detectable(mid) <= margin:
