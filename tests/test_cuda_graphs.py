@@ -11,7 +11,7 @@ import torch
 from runtime.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from runtime.engine.model_runner import ModelRunner
 from runtime.models import load_model
-from runtime.synthetic import write_tiny_hf_model
+from runtime.tools.synthetic import write_tiny_hf_model
 from runtime.testing.decode_steps import decode_step_input
 
 BLOCK = 4
