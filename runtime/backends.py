@@ -89,6 +89,10 @@ BACKENDS: dict[tuple[str, str], Backend] = {(b.op, b.name): b for b in (
             priority=20, batch_invariant=True),
     Backend("moe.bf16", "torch", tb.bf16_moe_ref, batch_invariant=True),
     Backend("moe.bf16", "batched", tb.bf16_moe_batched, priority=20, batch_invariant=True),
+    # CPU: weights upcast to fp32 once at load, experts batched; the reference's roundings, equal to it up to fp32
+    # summation order.
+    Backend("moe.bf16", "fp32", tb.bf16_moe_fp32, prepare=tb.upcast_bf16_experts, available=on_cpu, priority=30,
+            batch_invariant=True),
     Backend("linear.fp8_block", "torch", nx.fp8_block_linear_ref, batch_invariant=True),
     Backend("linear.fp8_block", "cached", tb.fp8_linear_cached, prepare=tb.dequantize_fp8_linear, available=on_cpu,
             priority=10, batch_invariant=True),

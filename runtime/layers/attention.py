@@ -93,8 +93,24 @@ class AttentionMetadata:
         return cls([], decode, batch.slot_mapping)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, heads, dk]; k_cache [slots, kv_heads, dk], v_cache [slots, kv_heads, dv] (views of the layer's cache).
+def _decode_keys_values(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_cache: torch.Tensor | None, d: DecodeGroup,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoding sequence's cached keys and values, [B, kv_heads, max_blocks * block_size, dk | dv]."""
+    if kv_cache is not None:
+        # One contiguous copy per block holds both its keys and values, converted once (no strided gathers).
+        b, n = d.blocks.shape
+        kv = kv_cache.view(-1, d.block_size * kv_cache[0].numel()).index_select(0, d.blocks.flatten()).to(dtype)
+        kv = kv.view(b, n * d.block_size, *kv_cache.shape[1:])
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    k = k_cache.unflatten(0, (-1, d.block_size))[d.blocks].flatten(1, 2).transpose(1, 2).to(dtype)
+    v = v_cache.unflatten(0, (-1, d.block_size))[d.blocks].flatten(1, 2).transpose(1, 2).to(dtype)
+    return k, v
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    kv_cache: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, heads, dk]; k_cache [slots, kv_heads, dk], v_cache [slots, kv_heads, dv] (views of the layer's cache);
+    kv_cache: the contiguous [slots, 2, kv_heads, d] tensor they are views of, when they are (GQA's layout).
 
     Returns [T, heads, dv]. Softmax and accumulation are fp32 inside scaled_dot_product_attention (its 4-D
     inputs take the fused CPU kernel).
@@ -106,8 +122,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # Whole blocks gather faster than single slots. On a CPU, fp32 operands take a 2x faster kernel for one
         # query row, with the same math (bf16 inputs are accumulated in fp32 anyway).
         dtype = torch.float32 if q.device.type == "cpu" else q.dtype
-        k = k_cache.unflatten(0, (-1, d.block_size))[d.blocks].flatten(1, 2).transpose(1, 2).to(dtype)
-        v = v_cache.unflatten(0, (-1, d.block_size))[d.blocks].flatten(1, 2).transpose(1, 2).to(dtype)
+        k, v = _decode_keys_values(k_cache, v_cache, kv_cache, d, dtype)
         o = F.scaled_dot_product_attention(q[d.rows].unsqueeze(2).to(dtype), k, v, attn_mask=d.mask, scale=scale,
                                            enable_gqa=gqa)
         out[d.rows] = o.squeeze(2).to(out.dtype)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CheckpointError
+from runtime.layers.cpu_dense import Fp32CpuWeight, wants_fp32_compute
 from runtime.loader import CheckpointTensor, copy_into
 from runtime.parallel import ParallelContext
 from runtime.quant.base import new_param
@@ -43,7 +44,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """fp32 logits over the full vocabulary; shares the embedding's weight when the model ties them."""
+    """fp32 logits over the full vocabulary (products rounded to the weight dtype first); shares the embedding's
+    weight when the model ties them."""
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -54,10 +56,20 @@ class ParallelLMHead(nn.Module):
             self.weight = embedding.weight
         else:
             new_param(self, "weight", tuple(embedding.weight.shape), dtype, device, output_dim=0)
+        self.fp32_weight: Fp32CpuWeight | None = None
+
+    def prepare_cpu_compute(self, pack: bool) -> None:
+        """After loading: a half-precision head on CPU computes in fp32 (runtime.layers.cpu_dense), oneDNN-packed
+        when `pack` (not in deterministic mode). It is the widest GEMM of a small model's decode step."""
+        if wants_fp32_compute(self.weight):
+            self.fp32_weight = Fp32CpuWeight(self.weight, pack=pack)
 
     def weight_loader(self, param: nn.Parameter, src: CheckpointTensor) -> None:
         load_vocab_rows(param, src, self.vocab_size, self.start, self.stop)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight).float()
+        if self.fp32_weight is not None:
+            logits = self.fp32_weight.linear(hidden).to(self.weight.dtype).float()
+        else:
+            logits = F.linear(hidden, self.weight).float()
         return self.parallel.all_gather(logits, dim=-1)[..., : self.vocab_size]

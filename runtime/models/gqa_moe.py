@@ -62,7 +62,7 @@ class GqaAttention(nn.Module):
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         kv_cache[meta.slot_mapping, 0] = k.to(kv_cache.dtype)
         kv_cache[meta.slot_mapping, 1] = v.to(kv_cache.dtype)
-        out = paged_attention(q, kv_cache[:, 0], kv_cache[:, 1], meta, self.scale)
+        out = paged_attention(q, kv_cache[:, 0], kv_cache[:, 1], meta, self.scale, kv_cache=kv_cache)
         return self.o_proj(out.reshape(t, -1))
 
 

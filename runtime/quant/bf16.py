@@ -6,14 +6,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.backends import select_backend
-from runtime.quant.base import LinearMethod, MoEMethod, QuantConfig, new_param
+from runtime.layers.cpu_dense import Fp32CpuWeight, wants_fp32_compute
+from runtime.quant.base import LinearMethod, MoEMethod, QuantConfig, new_param, prepare_backend
 
 
 class Bf16LinearMethod(LinearMethod):
+    """A half-precision weight on CPU is computed in fp32 (runtime.layers.cpu_dense), the output rounded to x.dtype."""
+
     def create_weights(self, layer, input_size, output_size, dtype, device):
         new_param(layer, "weight", (output_size, input_size), dtype, device, output_dim=0, input_dim=1)
+        layer.fp32_weight = None
+
+    def process_weights_after_loading(self, layer):
+        layer.fp32_weight = Fp32CpuWeight(layer.weight) if wants_fp32_compute(layer.weight) else None
 
     def apply(self, layer, x, bias=None):
+        if layer.fp32_weight is not None:
+            return layer.fp32_weight.linear(x, bias).to(x.dtype)
         return F.linear(x, layer.weight, bias)
 
     def dequantized_weight(self, layer):
@@ -31,6 +40,7 @@ class Bf16MoEMethod(MoEMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.backend = select_backend("moe.bf16", self.backend_name, layer.w13_weight.device, self.batch_invariant)
+        prepare_backend(self.backend, layer, {"w13": "w13_weight", "w2": "w2_weight"})
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
         return self.backend.run(

@@ -48,6 +48,24 @@ def bf16_moe_batched(x, w13, w2, topk_ids, topk_weights, routed_scaling_factor=1
                               lambda rows, sel: _bf16_experts(rows, w13[sel], w2[sel]), x.dtype)
 
 
+def _fp32_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """_bf16_experts on fp32 weights: each GEMM in fp32, its output rounded to x.dtype as the bf16 GEMM's is."""
+    e, two_i, h = w13.shape
+    gate_up = F.linear(x.float(), w13.reshape(e * two_i, h)).to(x.dtype).view(-1, e, two_i)
+    act = silu_and_mul(gate_up[..., : two_i // 2], gate_up[..., two_i // 2 :])
+    return torch.bmm(act.float().transpose(0, 1), w2.transpose(1, 2)).to(x.dtype)
+
+
+def bf16_moe_fp32(x, w13, w2, topk_ids, topk_weights, routed_scaling_factor=1.0, expert_offset=0):
+    """bf16_moe_batched on weights upcast to fp32 at load (runtime.layers.cpu_dense says why)."""
+    return batched_expert_moe(x, topk_ids, topk_weights, w13.shape[0], expert_offset, routed_scaling_factor,
+                              lambda rows, sel: _fp32_experts(rows, w13[sel], w2[sel]), x.dtype)
+
+
+def upcast_bf16_experts(w13, w2) -> dict:
+    return {"w13": w13.float(), "w2": w2.float()}
+
+
 def dequantize_fp8_expert(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                           block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One FP8-block expert as fp32 (w13 [2I, H], w2 [H, I]); the gate and up halves have their own blocks."""
