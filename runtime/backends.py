@@ -36,6 +36,7 @@ import torch
 
 from runtime import kernels
 from runtime.errors import CheckpointError
+from runtime.layers.cpu_dense import onednn_available
 from runtime.quant import numerics as nx
 from runtime.quant import torch_backends as tb
 
@@ -48,6 +49,10 @@ def anywhere(device: torch.device) -> bool:
 
 def on_cpu(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+def on_cpu_onednn(device: torch.device) -> bool:
+    return on_cpu(device) and onednn_available()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ BACKENDS: dict[tuple[str, str], Backend] = {(b.op, b.name): b for b in (
     # reference up to fp32 summation order.
     Backend("moe.w4afp8", "batched", tb.w4afp8_moe_batched, prepare=tb.dequantize_w4afp8_experts,
             available=on_cpu, priority=20, batch_invariant=True),
+    # The same with every expert's gate/up weight packed for oneDNN (runtime.layers.cpu_dense), not batch-invariant.
+    Backend("moe.w4afp8", "onednn", tb.w4afp8_moe_batched, prepare=tb.pack_w4afp8_experts, available=on_cpu_onednn,
+            priority=30),
     Backend("moe.w4afp8", "cutlass", kernels.cutlass_w4afp8_moe, prepare=kernels.cutlass_w4afp8_prepare,
             available=kernels.cutlass_available, priority=20),
     Backend("moe.w4afp8", "triton", kernels.triton_w4afp8_moe, prepare=kernels.triton_w4afp8_prepare,
@@ -87,12 +95,16 @@ BACKENDS: dict[tuple[str, str], Backend] = {(b.op, b.name): b for b in (
     # Same weights, experts batched (runtime.quant.base.batched_expert_moe); equal to the reference up to fp32 order.
     Backend("moe.fp8", "batched", tb.fp8_moe_batched, prepare=tb.dequantize_fp8_experts, available=on_cpu,
             priority=20, batch_invariant=True),
+    Backend("moe.fp8", "onednn", tb.fp8_moe_batched, prepare=tb.pack_fp8_experts, available=on_cpu_onednn,
+            priority=30),
     Backend("moe.bf16", "torch", tb.bf16_moe_ref, batch_invariant=True),
     Backend("moe.bf16", "batched", tb.bf16_moe_batched, priority=20, batch_invariant=True),
     # CPU: weights upcast to fp32 once at load, experts batched; the reference's roundings, equal to it up to fp32
     # summation order.
     Backend("moe.bf16", "fp32", tb.bf16_moe_fp32, prepare=tb.upcast_bf16_experts, available=on_cpu, priority=30,
             batch_invariant=True),
+    Backend("moe.bf16", "onednn", tb.bf16_moe_fp32, prepare=tb.pack_bf16_experts, available=on_cpu_onednn,
+            priority=40),
     Backend("linear.fp8_block", "torch", nx.fp8_block_linear_ref, batch_invariant=True),
     Backend("linear.fp8_block", "cached", tb.fp8_linear_cached, prepare=tb.dequantize_fp8_linear, available=on_cpu,
             priority=10, batch_invariant=True),

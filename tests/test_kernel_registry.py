@@ -17,8 +17,8 @@ def test_kernel_backends_are_registered():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU selection")
 def test_cpu_selects_the_reference_and_refuses_gpu_backends():
-    # "auto" on a CPU picks one of the torch implementations (the reference, pre-unpacked or experts batched).
-    assert backends.select_backend("moe.w4afp8", "auto", "cpu").name in {"torch", "cached", "batched"}
+    # "auto" on a CPU picks one of the torch implementations (the reference, pre-unpacked, experts batched, packed).
+    assert backends.select_backend("moe.w4afp8", "auto", "cpu").name in {"torch", "cached", "batched", "onednn"}
     with pytest.raises(CheckpointError, match="cutlass"):
         backends.select_backend("moe.w4afp8", "cutlass", "cpu")
 

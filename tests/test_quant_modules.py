@@ -40,7 +40,7 @@ def test_fp8_block_linear_matches_dequantized_matmul(fp8_dir, backend):
 
 # top-8 of 16 experts takes the batched backend's all-experts path, top-4 its loop over the experts hit
 @pytest.mark.parametrize("top_k", [4, 8])
-@pytest.mark.parametrize("backend", ["torch", "cached", "batched"])
+@pytest.mark.parametrize("backend", ["torch", "cached", "batched", "onednn"])
 def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend, top_k):
     model, cfg = load_model(fp8_dir, moe_backend=backend)
     ckpt, moe = Ckpt(fp8_dir), model.model.layers[1].mlp.experts
@@ -60,7 +60,7 @@ def test_fp8_moe_matches_dequantized_matmul(fp8_dir, backend, top_k):
 
 
 @pytest.mark.parametrize("top_k", [4, 8])
-@pytest.mark.parametrize("backend", ["torch", "cached", "batched"])
+@pytest.mark.parametrize("backend", ["torch", "cached", "batched", "onednn"])
 def test_w4afp8_moe_matches_dequantized_matmul(w4_dir, backend, top_k):
     model, cfg = load_model(w4_dir, moe_backend=backend)
     moe = model.model.layers[2].mlp.experts

@@ -51,8 +51,6 @@ class AttentionMetadata:
         for q_len in batch.query_lens[:-1]:
             starts.append(starts[-1] + q_len)
         decoding = [] if batch.batch_invariant else [b for b, q_len in enumerate(batch.query_lens) if q_len == 1]
-        if len(decoding) < 2:
-            decoding = []
         spans = []
         for b in sorted(set(range(len(batch.query_lens))) - set(decoding)):
             q_len, ctx = batch.query_lens[b], batch.context_lens[b]

@@ -1,11 +1,15 @@
-"""Products with unquantized bf16 / fp16 weights on CPU, computed in fp32.
+"""Dense products on CPU from weights prepared once at load.
 
-On CPUs without bf16 matrix instructions (the AVX2 development machine) torch's bf16 GEMM runs 4-5x slower than
-fp32 SGEMM (one thread, 8 rows x 576 -> 3072: 5.6 ms against 2.1 ms; the 49152-row LM head 89 ms against 43 ms).
-Both accumulate in fp32, so an fp32 copy of the weight made once at load, with the product rounded to the
-activation dtype, gives the bf16 GEMM's result up to fp32 summation order. Where the caller allows it (not in
-deterministic mode, whose batch-invariant overrides only reach aten's matmuls), a weight can instead be packed
-once for oneDNN's linear, about twice as fast again for wide weights at decode batch sizes (LM head, 8 rows: 21 ms).
+Measured on the 2-core AVX2 development machine (2 threads, each weight read from memory, not cache):
+- torch's bf16 GEMM has no bf16 matrix instructions to use and runs 2-5x slower than fp32 SGEMM from 4 rows up
+  (8 rows x 576 -> 3072: 2.9 ms bf16, 2.1 ms fp32). Both accumulate in fp32, so an fp32 copy of the weight,
+  with the product rounded to the activation dtype, gives the bf16 GEMM's result up to fp32 summation order.
+- The same fp32 weight packed once into oneDNN's blocked layout is 2-4x faster again from 4 rows up (0.70 ms at 8
+  rows; the 49152-row LM head 9.9 ms against 45 ms) and about as fast as plain fp32 at one row.
+- One row is bound by memory bandwidth: there the bf16 weight itself, half the bytes, is fastest (576 -> 576:
+  80 us bf16, 123 us fp32, 129 us packed).
+oneDNN's packed kernels are not covered by the batch-invariant overrides (runtime.batch_invariant), which reach
+aten's matmuls only; deterministic mode therefore keeps plain fp32 weights (`fast=False`).
 """
 
 from __future__ import annotations
@@ -22,20 +26,40 @@ def wants_fp32_compute(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
 
 
-class Fp32CpuWeight:
-    """An fp32 copy of a [out, in] weight, optionally packed for oneDNN; `linear` returns the fp32 product."""
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
 
-    def __init__(self, weight: torch.Tensor, pack: bool = False):
-        w = weight.detach().float().contiguous()
-        self.packed = pack and torch.backends.mkldnn.is_available()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_PACK_BATCH_HINT) if self.packed else w
+
+def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 [out, in] weight in oneDNN's packed layout (an opaque tensor only onednn_linear reads)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), batch_size=_PACK_BATCH_HINT)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] (made fp32) times a pack_for_onednn weight: the fp32 product [..., out_features]."""
+    lead = x.shape[:-1]
+    bias = None if bias is None else bias.float()
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).float(), packed, bias, "none", [], "")
+    return y.reshape(*lead, out_features)
+
+
+class CpuDenseWeight:
+    """The CPU compute copies of a half-precision [out, in] weight; `linear` returns the product in x.dtype.
+
+    fast=False: an fp32 copy (deterministic mode). fast=True: an fp32 copy packed for oneDNN, and with
+    `half_for_one_row` the half-precision weight itself for one-row products.
+    """
+
+    def __init__(self, weight: torch.Tensor, fast: bool, half_for_one_row: bool = False):
         self.out_features = weight.shape[0]
+        fast = fast and onednn_available()
+        self.packed = pack_for_onednn(weight) if fast else None
+        self.fp32 = None if fast else weight.detach().float().contiguous()
+        self.half = weight.detach() if fast and half_for_one_row else None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.float()
-        bias = None if bias is None else bias.float()
-        if not self.packed:
-            return F.linear(x, self.weight, bias)
-        lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, bias, "none", [], "")
-        return y.reshape(*lead, self.out_features)
+        if self.half is not None and x.numel() == x.shape[-1]:
+            return F.linear(x.to(self.half.dtype), self.half, None if bias is None else bias.to(self.half.dtype)).to(x.dtype)
+        if self.packed is not None:
+            return onednn_linear(x, self.packed, self.out_features, bias).to(x.dtype)
+        return F.linear(x.float(), self.fp32, None if bias is None else bias.float()).to(x.dtype)

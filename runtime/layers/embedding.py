@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CheckpointError
-from runtime.layers.cpu_dense import Fp32CpuWeight, wants_fp32_compute
+from runtime.layers.cpu_dense import CpuDenseWeight, wants_fp32_compute
 from runtime.loader import CheckpointTensor, copy_into
 from runtime.parallel import ParallelContext
 from runtime.quant.base import new_param
@@ -56,20 +56,20 @@ class ParallelLMHead(nn.Module):
             self.weight = embedding.weight
         else:
             new_param(self, "weight", tuple(embedding.weight.shape), dtype, device, output_dim=0)
-        self.fp32_weight: Fp32CpuWeight | None = None
+        self.cpu_weight: CpuDenseWeight | None = None
 
-    def prepare_cpu_compute(self, pack: bool) -> None:
-        """After loading: a half-precision head on CPU computes in fp32 (runtime.layers.cpu_dense), oneDNN-packed
-        when `pack` (not in deterministic mode). It is the widest GEMM of a small model's decode step."""
+    def prepare_cpu_compute(self, fast: bool) -> None:
+        """After loading: a half-precision head on CPU computes from fp32 copies (runtime.layers.cpu_dense), oneDNN-packed
+        when `fast` (not in deterministic mode). It is the widest GEMM of a small model's decode step."""
         if wants_fp32_compute(self.weight):
-            self.fp32_weight = Fp32CpuWeight(self.weight, pack=pack)
+            self.cpu_weight = CpuDenseWeight(self.weight, fast=fast)
 
     def weight_loader(self, param: nn.Parameter, src: CheckpointTensor) -> None:
         load_vocab_rows(param, src, self.vocab_size, self.start, self.stop)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.fp32_weight is not None:
-            logits = self.fp32_weight.linear(hidden).to(self.weight.dtype).float()
+        if self.cpu_weight is not None:
+            logits = self.cpu_weight.linear(hidden.to(self.weight.dtype)).float()
         else:
             logits = F.linear(hidden, self.weight).float()
         return self.parallel.all_gather(logits, dim=-1)[..., : self.vocab_size]

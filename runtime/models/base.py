@@ -94,4 +94,4 @@ class CausalLMBase(nn.Module):
         for module in self.modules():
             if hasattr(module, "quant_method"):
                 module.quant_method.process_weights_after_loading(module)
-        self.lm_head.prepare_cpu_compute(pack=not self.quant.batch_invariant)
+        self.lm_head.prepare_cpu_compute(fast=not self.quant.batch_invariant)

@@ -6,23 +6,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.backends import select_backend
-from runtime.layers.cpu_dense import Fp32CpuWeight, wants_fp32_compute
+from runtime.layers.cpu_dense import CpuDenseWeight, wants_fp32_compute
 from runtime.quant.base import LinearMethod, MoEMethod, QuantConfig, new_param, prepare_backend
 
 
 class Bf16LinearMethod(LinearMethod):
-    """A half-precision weight on CPU is computed in fp32 (runtime.layers.cpu_dense), the output rounded to x.dtype."""
+    """A half-precision weight on CPU computes from the copies runtime.layers.cpu_dense prepares (the oneDNN-packed
+    ones unless the model must be batch-invariant), or, with `cpu_copies=False` (linear_backend "torch"), as
+    stored."""
+
+    def __init__(self, batch_invariant: bool = False, cpu_copies: bool = True):
+        self.batch_invariant = batch_invariant
+        self.cpu_copies = cpu_copies
 
     def create_weights(self, layer, input_size, output_size, dtype, device):
         new_param(layer, "weight", (output_size, input_size), dtype, device, output_dim=0, input_dim=1)
-        layer.fp32_weight = None
+        layer.cpu_weight = None
 
     def process_weights_after_loading(self, layer):
-        layer.fp32_weight = Fp32CpuWeight(layer.weight) if wants_fp32_compute(layer.weight) else None
+        if self.cpu_copies and wants_fp32_compute(layer.weight):
+            layer.cpu_weight = CpuDenseWeight(layer.weight, fast=not self.batch_invariant, half_for_one_row=True)
 
     def apply(self, layer, x, bias=None):
-        if layer.fp32_weight is not None:
-            return layer.fp32_weight.linear(x, bias).to(x.dtype)
+        if layer.cpu_weight is not None:
+            return layer.cpu_weight.linear(x, bias)
         return F.linear(x, layer.weight, bias)
 
     def dequantized_weight(self, layer):
@@ -40,12 +47,12 @@ class Bf16MoEMethod(MoEMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.backend = select_backend("moe.bf16", self.backend_name, layer.w13_weight.device, self.batch_invariant)
-        prepare_backend(self.backend, layer, {"w13": "w13_weight", "w2": "w2_weight"})
+        self.extras = prepare_backend(self.backend, layer, {"w13": "w13_weight", "w2": "w2_weight"})
 
     def apply(self, layer, x, topk_ids, topk_weights, routed_scaling_factor):
         return self.backend.run(
             x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
-            routed_scaling_factor=routed_scaling_factor, expert_offset=layer.expert_offset,
+            routed_scaling_factor=routed_scaling_factor, expert_offset=layer.expert_offset, **self.extras,
         )
 
     def dequantized_expert(self, layer, e):
@@ -60,7 +67,7 @@ class Bf16Config(QuantConfig):
         return cls(**options)
 
     def linear_method(self, prefix):
-        return Bf16LinearMethod()
+        return Bf16LinearMethod(self.batch_invariant, cpu_copies=self.linear_backend != "torch")
 
     def moe_method(self, prefix):
         return Bf16MoEMethod(self.moe_backend, self.batch_invariant)

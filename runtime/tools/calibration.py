@@ -139,7 +139,11 @@ def calibrate_expert_input_scales(model_dir: str | Path, samples: int, max_len: 
     model_dir = Path(model_dir)
     config = config_from_dict(read_hf_config(model_dir), str(model_dir / "config.json"))
     token_ids = list(calibration_token_ids(model_dir, samples, max_len, config.vocab_size))  # checked before loading
-    model, _ = load_model(model_dir, dtype="bfloat16", device=device)
+    # On CPU the scales must not depend on the serving speed paths (runtime.layers.cpu_dense, the oneDNN backends):
+    # bf16 linears as stored and the batched experts, the computation every released demo build was calibrated with.
+    on_cpu = torch.device(device).type == "cpu"
+    backends = {"moe_backend": "batched", "linear_backend": "torch"} if on_cpu else {}
+    model, _ = load_model(model_dir, dtype="bfloat16", device=device, **backends)
     observer = ExpertAmax()
     observer.attach(model)
     # One forward over all samples: each layer's experts are dequantized once for the observer.
