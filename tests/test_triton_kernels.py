@@ -89,8 +89,38 @@ def test_fp8_block_linear_split_k_matches_reference(split_k):
     w, ws = numerics.quantize_fp8_block(torch.randn(192, 576, device=DEVICE, generator=gen) / 24)
     x = (torch.randn(2, 576, device=DEVICE, generator=gen) * 3).to(torch.bfloat16)
     bias = torch.randn(192, device=DEVICE, generator=gen)
-    out = fp8_block_linear(x, w, ws, bias, split_k=split_k)
+    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=False)
     torch.testing.assert_close(out.float(), numerics.fp8_block_linear_ref(x, w, ws, bias).float(), rtol=1e-2, atol=0.1)
+
+
+@pytest.mark.parametrize("m,n,k,block_n,block_k,split_k", [
+    (1, 200, 1000, 16, 256, 1),  # ragged N tile and ragged last K block (1000 = 7 x 128 + 104)
+    (1, 192, 1152, 64, 256, 3),  # 5 chunks of 256 split 2+2+1, the last chunk half past K
+    (3, 130, 640, 32, 512, 2),   # M padded to 4 rows; one 512-chunk per split, the second mostly past K
+])
+def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k):
+    """The small-M path: several K blocks per step, each with its own activation and weight scale."""
+    from runtime.kernels.fp8_gemm import GemvConfig
+
+    gen = torch.Generator(device=DEVICE).manual_seed(n)
+    w, ws = numerics.quantize_fp8_block(torch.randn(n, k, device=DEVICE, generator=gen) / k**0.5)
+    ws = ws * torch.rand(ws.shape, device=DEVICE, generator=gen) * 4  # block scales that differ a lot
+    x = torch.randn(m, k, device=DEVICE, generator=gen).to(torch.bfloat16)
+    x[:, 128:256] *= 50  # one K block of large activations: each block needs its own activation scale
+    bias = torch.randn(n, device=DEVICE, generator=gen)
+    ref = numerics.fp8_block_linear_ref(x, w, ws, bias).float()
+    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=GemvConfig(block_n=block_n, block_k=block_k))
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=0.1)
+    assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_gemv_config_names_bad_tile():
+    from runtime.kernels.fp8_gemm import GemvConfig
+
+    with pytest.raises(ValueError, match="block_n"):
+        GemvConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_k"):
+        GemvConfig(block_k=192)
 
 
 def test_split_k_factor_fills_the_gpu_with_whole_k_blocks():
@@ -99,6 +129,7 @@ def test_split_k_factor_fills_the_gpu_with_whole_k_blocks():
     assert split_k_factor(programs=9, k_blocks=56, sm_count=132) == 28  # R1 kv_a_proj at M=1: 9 tiles -> 252 programs
     assert split_k_factor(programs=576, k_blocks=56, sm_count=132) == 1  # enough tiles already
     assert split_k_factor(programs=112, k_blocks=5, sm_count=132) == 3  # ceil(5/3) = 2 blocks each: 3 splits, none empty
+    assert split_k_factor(programs=96, k_blocks=14, sm_count=132, per_sm=4) == 5  # R1 q_a_proj GEMV: 6 wanted, 3 chunks each
 
 
 def test_fp8_block_linear_names_bad_scale_shape():
