@@ -114,6 +114,33 @@ def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k):
     assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
 
 
+@pytest.mark.parametrize("rows,size", [(3, 7168), (1, 512), (5, 200)])
+def test_rms_norm_kernel_matches_the_torch_expression(rows, size):
+    """Fused RMSNorm against RMSNorm's torch path, on rows that are a strided view (as kv_a_layernorm's input)."""
+    from runtime.kernels.rms_norm import rms_norm
+    from runtime.layers.norm import RMSNorm
+
+    gen = torch.Generator(device=DEVICE).manual_seed(size)
+    norm = RMSNorm(size, 1e-6, torch.bfloat16, torch.device(DEVICE))
+    norm.kernel = None
+    norm.weight.data = (1 + 0.3 * torch.randn(size, device=DEVICE, generator=gen)).to(torch.bfloat16)
+    wide = (torch.randn(rows, size + 64, device=DEVICE, generator=gen) * 4).to(torch.bfloat16)
+    x = wide[:, :size]
+    out, ref = rms_norm(x, norm.weight, norm.eps), norm(x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-5)  # a bf16 ulp at most
+    assert (out == ref).float().mean() > 0.95
+
+
+def test_rms_norm_kernel_names_bad_input():
+    from runtime.kernels.rms_norm import rms_norm
+
+    with pytest.raises(ValueError, match="bf16"):
+        rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(8, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="features"):
+        rms_norm(torch.ones(2, 8, device=DEVICE, dtype=torch.bfloat16), torch.ones(4, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+
+
 def test_gemv_config_names_bad_tile():
     from runtime.kernels.fp8_gemm import GemvConfig
 
