@@ -132,6 +132,27 @@ def test_rms_norm_kernel_matches_the_torch_expression(rows, size):
     assert (out == ref).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("heads", [0, 5])  # 0: [T, dim] keys
+def test_rotate_kernel_matches_the_torch_expression(interleaved, heads):
+    """Fused rotary against RotaryEmbedding's torch path, on a strided view (q_pe is a slice of the query heads)."""
+    from runtime.config import RopeConfig
+    from runtime.kernels.rotary import rotate
+    from runtime.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator(device=DEVICE).manual_seed(heads)
+    rope = RotaryEmbedding(64, RopeConfig(theta=10000.0), interleaved, torch.device(DEVICE))
+    rope.kernel = None
+    positions = torch.tensor([0, 7, 1000], device=DEVICE)
+    cos, sin = rope.cos_sin(positions)
+    full = (torch.randn(3, max(heads, 1), 192, device=DEVICE, generator=gen) * 3).to(torch.bfloat16)
+    x = full[:, :, 128:] if heads else full[:, 0, 128:]
+    out, ref = rotate(x, cos, sin, interleaved), rope.rotate(x, cos, sin)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-2)  # a bf16 ulp at most
+    assert (out == ref).float().mean() > 0.95
+
+
 def test_rms_norm_kernel_names_bad_input():
     from runtime.kernels.rms_norm import rms_norm
 
