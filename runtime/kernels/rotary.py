@@ -13,12 +13,15 @@ import triton.language as tl
 
 from runtime.kernels.triton_casts import INTERPRETED, to_bf16
 
+# Heads per program: at decode sizes one program per token would leave the GPU nearly idle (128 query heads).
+HEADS_PER_PROGRAM = 16
+
 
 @triton.jit
 def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, HALF, x_stride_t, x_stride_h, cs_stride,
                    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, EXACT_CAST: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
     i_ok = i < HALF
     mask = (h < H)[:, None] & i_ok[None, :]
@@ -49,7 +52,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     if t:
-        _rotate_kernel[(t,)](x3, cos, sin, y, heads, dim // 2, x3.stride(0), x3.stride(1), cos.stride(0),
-                             INTERLEAVED=interleaved, BLOCK_H=triton.next_power_of_2(heads),
+        block_h = min(HEADS_PER_PROGRAM, triton.next_power_of_2(heads))
+        _rotate_kernel[(t, triton.cdiv(heads, block_h))](x3, cos, sin, y, heads, dim // 2, x3.stride(0), x3.stride(1),
+                             cos.stride(0), INTERLEAVED=interleaved, BLOCK_H=block_h,
                              BLOCK_HALF=triton.next_power_of_2(dim // 2), EXACT_CAST=INTERPRETED)
     return y.view(x.shape)
