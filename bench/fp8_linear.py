@@ -27,10 +27,9 @@ STEP_LINEARS = [
     ("dense_gate_up", 18432, 7168, 2), ("dense_down", 7168, 18432, 1),
     ("shared_gate_up", 2048, 7168, 6), ("shared_down", 7168, 2048, 3),
 ]
-SWEEP = [GemvConfig(bn, bk, w, p, pf) for bn, bk, w, p, pf in [
-    (16, 1024, 4, 4, False), (16, 1024, 4, 4, True), (16, 512, 4, 4, True), (8, 1024, 4, 4, True),
-    (8, 2048, 4, 4, False), (8, 2048, 4, 4, True), (16, 1024, 4, 8, True), (16, 1024, 8, 4, True),
-    (32, 512, 4, 4, True), (16, 512, 4, 4, False),
+SWEEP = [GemvConfig(bn, bk, w, p) for bn, bk, w, p in [
+    (16, 512, 4, 4), (16, 1024, 8, 4), (32, 512, 4, 4), (32, 512, 8, 4), (32, 1024, 8, 4), (8, 1024, 4, 4),
+    (8, 2048, 4, 4), (16, 512, 4, 8), (16, 256, 4, 8), (64, 256, 4, 4), (16, 512, 4, 2),
 ]]
 L2_ROTATION_BYTES = 256 << 20  # several times the H200's 50 MB L2
 log = logging.getLogger("fp8_linear")

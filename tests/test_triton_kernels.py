@@ -93,13 +93,12 @@ def test_fp8_block_linear_split_k_matches_reference(split_k):
     torch.testing.assert_close(out.float(), numerics.fp8_block_linear_ref(x, w, ws, bias).float(), rtol=1e-2, atol=0.1)
 
 
-@pytest.mark.parametrize("m,n,k,block_n,block_k,split_k,prefetch", [
-    (1, 200, 1000, 16, 256, 1, False),  # ragged N tile and ragged last K block (1000 = 7 x 128 + 104)
-    (1, 192, 1152, 64, 256, 3, False),  # 5 chunks of 256 split 2+2+1, the last chunk half past K
-    (1, 192, 1152, 64, 256, 3, True),   # the same with the next chunk prefetched (none past a split's end)
-    (3, 130, 640, 32, 512, 2, True),    # M padded to 4 rows; one 512-chunk per split, the second mostly past K
+@pytest.mark.parametrize("m,n,k,block_n,block_k,split_k", [
+    (1, 200, 1000, 16, 256, 1),  # ragged N tile and ragged last K block (1000 = 7 x 128 + 104)
+    (1, 192, 1152, 64, 256, 3),  # 5 chunks of 256 split 2+2+1, the last chunk half past K
+    (3, 130, 640, 32, 512, 2),   # M padded to 4 rows; one 512-chunk per split, the second mostly past K
 ])
-def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k, prefetch):
+def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k):
     """The small-M path: several K blocks per step, each with its own activation and weight scale."""
     from runtime.kernels.fp8_gemm import GemvConfig
 
@@ -110,7 +109,7 @@ def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k, pr
     x[:, 128:256] *= 50  # one K block of large activations: each block needs its own activation scale
     bias = torch.randn(n, device=DEVICE, generator=gen)
     ref = numerics.fp8_block_linear_ref(x, w, ws, bias).float()
-    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=GemvConfig(block_n=block_n, block_k=block_k, prefetch=prefetch))
+    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=GemvConfig(block_n=block_n, block_k=block_k))
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=0.1)
     assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
 

@@ -82,7 +82,7 @@ def _fp8_block_gemv_kernel(
     M, N, K, x_stride, ws_stride, K_BLOCKS,
     CHUNKS_PER_SPLIT: tl.constexpr, EPS: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, OUT_BF16: tl.constexpr,
-    EXACT_CAST: tl.constexpr, PARTIAL: tl.constexpr, PREFETCH: tl.constexpr,
+    EXACT_CAST: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     """Small-M path: program (n tile, K split) of BLOCK_N output columns over all M (<= BLOCK_M) rows.
 
@@ -95,20 +95,11 @@ def _fp8_block_gemv_kernel(
     ws_row = ws_ptr + (tl.program_id(0) * BLOCK_N // GROUP) * ws_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * K
-    if PREFETCH:  # the next step's weights are in flight while this step computes
-        k_first = split * CHUNKS_PER_SPLIT * BLOCK_K + tl.arange(0, BLOCK_K)
-        w_next = tl.load(w_rows + k_first[None, :], mask=c_ok[:, None] & (k_first < K)[None, :], other=0.0)
     for i in range(0, CHUNKS_PER_SPLIT):
         k0 = (split * CHUNKS_PER_SPLIT + i) * BLOCK_K  # past K (last split): loads masked, the product is 0
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        if PREFETCH:
-            w = w_next
-            ahead = k + BLOCK_K
-            ahead_ok = (ahead < K) & (i + 1 < CHUNKS_PER_SPLIT)
-            w_next = tl.load(w_rows + ahead[None, :], mask=c_ok[:, None] & ahead_ok[None, :], other=0.0)
-        else:
-            w = tl.load(w_rows + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * x_stride + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, GROUP))
         x_scale = tl.maximum(tl.max(tl.abs(x), axis=2), EPS) / QMAX
@@ -145,14 +136,12 @@ SUM_SPLITS_BLOCK = 1024
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch shape of the small-M path: BLOCK_N columns (dividing 128) by BLOCK_K (a multiple of 128) per step,
-    K split until about programs_per_sm programs per SM run; prefetch: load step i+1's weights before computing
-    step i."""
+    K split until about programs_per_sm programs per SM run."""
 
     block_n: int = 16
     block_k: int = 512
     num_warps: int = 4
     programs_per_sm: int = 4
-    prefetch: bool = False
 
     def __post_init__(self):
         if self.block_n < 1 or FP8_BLOCK % self.block_n or self.block_n & (self.block_n - 1):
@@ -162,7 +151,9 @@ class GemvConfig:
 
 
 # Rows up to which the GEMV path runs by default (the CUDA-core FMAs grow with M; the fp8 dot does not): on the
-# H200 (bench/fp8_linear.py, 2026-12-03) it beats the tiled kernel at M=1 and 2, not at 4.
+# H200 (bench/fp8_linear.py, 2026-12-03) it beats the tiled kernel at M=1 and 2, not at 4. 16 x 1024 tiles were
+# the fastest of the shapes swept at M=1 (8 x 2048 within 0.3%); loading the next step's weights ahead in
+# registers made every shape slower (1150-1490 against 655 us for one step's linears).
 GEMV_MAX_M = 2
 DEFAULT_GEMV = GemvConfig(block_n=16, block_k=1024)
 
@@ -229,7 +220,7 @@ def fp8_block_linear(
             x2, weight.contiguous(), scales, bias if bias is not None else scales, partial,
             m, n, k, x2.stride(0), scales.stride(0), k_blocks, **common, CHUNKS_PER_SPLIT=per_split,
             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gemv.block_n, BLOCK_K=gemv.block_k, GROUP=FP8_BLOCK,
-            PARTIAL=splits > 1, PREFETCH=gemv.prefetch, num_warps=gemv.num_warps,
+            PARTIAL=splits > 1, num_warps=gemv.num_warps,
         )
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
