@@ -151,7 +151,7 @@ class GemvConfig:
 
 
 # Rows up to which the GEMV path runs by default (the CUDA-core FMAs grow with M; the fp8 dot does not): on the
-# H200 (bench/fp8_linear.py, 2026-12-03) it beats the tiled kernel at M=1 and 2, not at 4. 16 x 1024 tiles were
+# H200 (bench/fp8_linear.py, 2026-12-03) it beats the tiled kernel at M=1 and 2; at 4 two runs disagreed. 16 x 1024 tiles were
 # the fastest of the shapes swept at M=1 (8 x 2048 within 0.3%); loading the next step's weights ahead in
 # registers made every shape slower (1150-1490 against 655 us for one step's linears).
 GEMV_MAX_M = 2
