@@ -40,8 +40,8 @@ def time_steps(runner: ModelRunner, step: StepInput, warmup: int, steps: int) ->
     return times
 
 
-def top_kernels(runner: ModelRunner, step: StepInput, n: int = 8) -> tuple[int, list[tuple[str, float]]]:
-    """(kernel launches, [(kernel, ms)]) of one step."""
+def top_kernels(runner: ModelRunner, step: StepInput, n: int = 24) -> tuple[int, list[tuple[str, float, int]]]:
+    """(kernel launches, [(kernel, ms, launches)]) of one step."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -50,7 +50,7 @@ def top_kernels(runner: ModelRunner, step: StepInput, n: int = 8) -> tuple[int, 
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     launches = sum(e.count for e in events)
     ranked = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:n]
-    return launches, [(e.key[:90], e.device_time_total / 1000) for e in ranked]
+    return launches, [(e.key[:90], e.device_time_total / 1000, e.count) for e in ranked]
 
 
 def set_attention(model, use_kernel: bool, kernels: list) -> None:
@@ -103,8 +103,8 @@ def main() -> None:
             results.append(row)
             print(f"batch {batch:3d} {name:18s} median {row['median_ms']:8.2f} ms  min {row['min_ms']:8.2f} ms  "
                   f"{launches} kernel launches")
-            for kernel, ms in top:
-                print(f"    {ms:8.3f} ms  {kernel}")
+            for kernel, ms, count in top:
+                print(f"    {ms:8.3f} ms {count:4d}x  {kernel}")
     set_attention(model, True, kernels)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -89,8 +89,86 @@ def test_fp8_block_linear_split_k_matches_reference(split_k):
     w, ws = numerics.quantize_fp8_block(torch.randn(192, 576, device=DEVICE, generator=gen) / 24)
     x = (torch.randn(2, 576, device=DEVICE, generator=gen) * 3).to(torch.bfloat16)
     bias = torch.randn(192, device=DEVICE, generator=gen)
-    out = fp8_block_linear(x, w, ws, bias, split_k=split_k)
+    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=False)
     torch.testing.assert_close(out.float(), numerics.fp8_block_linear_ref(x, w, ws, bias).float(), rtol=1e-2, atol=0.1)
+
+
+@pytest.mark.parametrize("m,n,k,block_n,block_k,split_k", [
+    (1, 200, 1000, 16, 256, 1),  # ragged N tile and ragged last K block (1000 = 7 x 128 + 104)
+    (1, 192, 1152, 64, 256, 3),  # 5 chunks of 256 split 2+2+1, the last chunk half past K
+    (3, 130, 640, 32, 512, 2),   # M padded to 4 rows; one 512-chunk per split, the second mostly past K
+])
+def test_fp8_block_gemv_matches_reference(m, n, k, block_n, block_k, split_k):
+    """The small-M path: several K blocks per step, each with its own activation and weight scale."""
+    from runtime.kernels.fp8_gemm import GemvConfig
+
+    gen = torch.Generator(device=DEVICE).manual_seed(n)
+    w, ws = numerics.quantize_fp8_block(torch.randn(n, k, device=DEVICE, generator=gen) / k**0.5)
+    ws = ws * torch.rand(ws.shape, device=DEVICE, generator=gen) * 4  # block scales that differ a lot
+    x = torch.randn(m, k, device=DEVICE, generator=gen).to(torch.bfloat16)
+    x[:, 128:256] *= 50  # one K block of large activations: each block needs its own activation scale
+    bias = torch.randn(n, device=DEVICE, generator=gen)
+    ref = numerics.fp8_block_linear_ref(x, w, ws, bias).float()
+    out = fp8_block_linear(x, w, ws, bias, split_k=split_k, gemv=GemvConfig(block_n=block_n, block_k=block_k))
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=0.1)
+    assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+
+
+@pytest.mark.parametrize("rows,size", [(3, 7168), (1, 512), (5, 200)])
+def test_rms_norm_kernel_matches_the_torch_expression(rows, size):
+    """Fused RMSNorm against RMSNorm's torch path, on rows that are a strided view (as kv_a_layernorm's input)."""
+    from runtime.kernels.rms_norm import rms_norm
+    from runtime.layers.norm import RMSNorm
+
+    gen = torch.Generator(device=DEVICE).manual_seed(size)
+    norm = RMSNorm(size, 1e-6, torch.bfloat16, torch.device(DEVICE))
+    norm.kernel = None
+    norm.weight.data = (1 + 0.3 * torch.randn(size, device=DEVICE, generator=gen)).to(torch.bfloat16)
+    wide = (torch.randn(rows, size + 64, device=DEVICE, generator=gen) * 4).to(torch.bfloat16)
+    x = wide[:, :size]
+    out, ref = rms_norm(x, norm.weight, norm.eps), norm(x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-5)  # a bf16 ulp at most
+    assert (out == ref).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("heads", [0, 5, 20])  # 0: [T, dim] keys; 20: two programs of heads per token
+def test_rotate_kernel_matches_the_torch_expression(interleaved, heads):
+    """Fused rotary against RotaryEmbedding's torch path, on a strided view (q_pe is a slice of the query heads)."""
+    from runtime.config import RopeConfig
+    from runtime.kernels.rotary import rotate
+    from runtime.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator(device=DEVICE).manual_seed(heads)
+    rope = RotaryEmbedding(64, RopeConfig(theta=10000.0), interleaved, torch.device(DEVICE))
+    rope.kernel = None
+    positions = torch.tensor([0, 7, 1000], device=DEVICE)
+    cos, sin = rope.cos_sin(positions)
+    full = (torch.randn(3, max(heads, 1), 192, device=DEVICE, generator=gen) * 3).to(torch.bfloat16)
+    x = full[:, :, 128:] if heads else full[:, 0, 128:]
+    out, ref = rotate(x, cos, sin, interleaved), rope.rotate(x, cos, sin)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-2)  # a bf16 ulp at most
+    assert (out == ref).float().mean() > 0.95
+
+
+def test_rms_norm_kernel_names_bad_input():
+    from runtime.kernels.rms_norm import rms_norm
+
+    with pytest.raises(ValueError, match="bf16"):
+        rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(8, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="features"):
+        rms_norm(torch.ones(2, 8, device=DEVICE, dtype=torch.bfloat16), torch.ones(4, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+
+
+def test_gemv_config_names_bad_tile():
+    from runtime.kernels.fp8_gemm import GemvConfig
+
+    with pytest.raises(ValueError, match="block_n"):
+        GemvConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_k"):
+        GemvConfig(block_k=192)
 
 
 def test_split_k_factor_fills_the_gpu_with_whole_k_blocks():
@@ -99,6 +177,7 @@ def test_split_k_factor_fills_the_gpu_with_whole_k_blocks():
     assert split_k_factor(programs=9, k_blocks=56, sm_count=132) == 28  # R1 kv_a_proj at M=1: 9 tiles -> 252 programs
     assert split_k_factor(programs=576, k_blocks=56, sm_count=132) == 1  # enough tiles already
     assert split_k_factor(programs=112, k_blocks=5, sm_count=132) == 3  # ceil(5/3) = 2 blocks each: 3 splits, none empty
+    assert split_k_factor(programs=96, k_blocks=14, sm_count=132, per_sm=4) == 5  # R1 q_a_proj GEMV: 6 wanted, 3 chunks each
 
 
 def test_fp8_block_linear_names_bad_scale_shape():

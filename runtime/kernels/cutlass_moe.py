@@ -26,10 +26,10 @@ from runtime.kernels.wgmma_layout import TILE_ROWS, pack_wgmma_a_operand, prepar
 from runtime.quant.numerics import FP8_DTYPE, W4AFp8MoEWeights
 
 # CTAs per SM the work split aims for (split-K below it): enough weight streams in flight per SM. Measured on
-# H100 (results/kernels): 8 is best from 2 to 16 tokens and neutral above; a single token (8 tiles) does better
-# at 2, where the split-K fix-up would cost more than the extra streams hide.
+# H100 (results/kernels): 8 is best from 2 to 16 tokens and neutral above. A single token did better at 2 on the
+# H100 at R1 TP8 shapes; on the H200 (2026-12-03) 8 is as good there (32.1 against 33.8 us) and much better with
+# 2048-wide experts (the batch-1 decode step's MoE GEMMs of results/serving/nvidia-h200.md: 0.35 against 0.49 ms).
 CTAS_PER_SM = 8
-CTAS_PER_SM_SINGLE_TOKEN = 2
 # Pipeline stages (scale groups) a CTA should run through before it is worth launching it.
 MIN_GROUPS_PER_CTA = 8
 
@@ -92,7 +92,7 @@ class CutlassW4AFp8MoE:
 
     def __init__(self, ctas_per_sm: int | None = None, token_tiles: tuple[int, ...] = TOKEN_TILES, pdl: bool = True,
                  groups_per_stage: int = 2) -> None:
-        self.ctas_per_sm = ctas_per_sm  # None: CTAS_PER_SM, or CTAS_PER_SM_SINGLE_TOKEN for one token
+        self.ctas_per_sm = ctas_per_sm  # None: CTAS_PER_SM
         self.token_tiles = token_tiles
         # Programmatic dependent launch: each kernel starts while the previous one drains (the down GEMM
         # prefetches its weights meanwhile). Off: plain stream order.
@@ -146,7 +146,7 @@ class CutlassW4AFp8MoE:
         sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
         group1 = hidden // w13_scale.shape[1]
         group2 = inter // w2_scale.shape[1]
-        ctas_per_sm = self.ctas_per_sm or (CTAS_PER_SM_SINGLE_TOKEN if m == 1 else CTAS_PER_SM)
+        ctas_per_sm = self.ctas_per_sm or CTAS_PER_SM
         stage1 = ext.groups_per_stage(group1, tile, self.groups_per_stage)
         stage2 = ext.groups_per_stage(group2, tile, self.groups_per_stage)
         plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm, stage1)

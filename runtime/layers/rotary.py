@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from runtime.config import RopeConfig
+from runtime.kernels import triton_available
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -74,6 +75,11 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv_freq, self.attention_factor = inverse_frequencies(rope, dim)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.kernel = None  # one fused kernel for bf16 on a GPU (runtime/kernels/rotary.py), same operations
+        if triton_available(torch.device(device)):
+            from runtime.kernels.rotary import rotate
+
+            self.kernel = rotate
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
@@ -81,6 +87,8 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, dim] (or [T, dim]) rotated at the positions cos/sin [T, dim/2] were made for."""
+        if self.kernel is not None and x.dtype == torch.bfloat16 and x.is_cuda:
+            return self.kernel(x, cos, sin, self.interleaved)
         squeeze = x.dim() == 2
         xf = x.float().unsqueeze(1) if squeeze else x.float()
         c, s = cos[:, None, :], sin[:, None, :]
