@@ -35,9 +35,9 @@ def shrunk_quickstart(tmp_path: Path, name: str, variant: str = "w4afp8", fault:
     config.pop("planning", None)  # its priors name the full quickstart's tasks
     config["preflight"] = {"enabled": False}  # no pilot batch: one decode pass less
     # 384 scored positions instead of the quickstart's 2,048 give wider intervals: gate between the clean build
-    # (measured mean KLD 0.29, upper bound 0.46: 8 short answers spread skewed) and the planted fault (0.97, lower
-    # bound 0.85).
-    config["gate"]["max_kld"] = 0.5
+    # (measured mean KLD 0.27, upper bound 0.54 on the CPU's oneDNN kernels; 0.29 and 0.46 before them: 8 short
+    # answers, spread skewed) and the planted fault (0.99, lower bound 0.85; 0.97 and 0.85 before).
+    config["gate"]["max_kld"] = 0.65
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
