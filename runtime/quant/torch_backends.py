@@ -163,7 +163,6 @@ def dequantize_fp8_linear(weight, weight_scale_inv, block) -> dict:
     return {"weight_dequantized": nx.dequantize_fp8_block(weight, weight_scale_inv, block)}
 
 
-
 def w4afp8_moe_cached(x, experts: nx.W4AFp8MoEWeights, topk_ids, topk_weights, routed_scaling_factor=1.0,
                       w13_values=None, w2_values=None):
     unpacked = replace(experts, w13=w13_values, w2=w2_values)
