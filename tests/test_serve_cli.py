@@ -3,8 +3,12 @@ answers the openai client and stops cleanly on Ctrl-C; a bad directory or option
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -22,6 +26,27 @@ def test_serve_loads_a_checkpoint_and_answers_until_interrupted(tiny_model_dir):
         r = client.chat.completions.create(model="tiny-cli", messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    assert server.proc.returncode == 0, server.output
+    assert "Traceback" not in server.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_streamed_request_ends_the_stream_and_the_server(tiny_model_dir):
+    """The engine loop runs on the main thread, where Ctrl-C lands: the open stream must end with an error event
+    and the process exit 0, not hang on the connection or print a traceback."""
+    with evalpipe_serve("--model", str(tiny_model_dir), "--dtype", "float32", "--max-model-len", "4000",
+                        "--served-model-name", "tiny-cli", "--kv-cache-gib", "0.05") as server:
+        body = {"model": "tiny-cli", "prompt": "Hi", "max_tokens": 3900, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert "choices" in json.loads(next(line for line in lines if line.startswith("data: {"))[6:])
+            server.proc.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert time.monotonic() - interrupted < 15
+        assert events[-1]["error"]["type"] == "service_unavailable"
+        assert "shutting down" in events[-1]["error"]["message"]
+        server.proc.wait(timeout=30)
     assert server.proc.returncode == 0, server.output
     assert "Traceback" not in server.output
 

@@ -1,4 +1,8 @@
-"""Runs an LLMEngine's step loop on its own thread and streams each request's outputs to asyncio callers.
+"""Runs an LLMEngine's step loop and streams each request's outputs to asyncio callers on another thread.
+
+The loop runs on its own thread (`start`) or on the calling one (`run`): `evalpipe serve` gives it the main thread
+and the HTTP server a background one, because torch's CPU kernels run measurably slower on a thread other than the
+main one (runtime/SERVING.md, "Where the loop runs").
 
 Callers (the HTTP server) never touch the engine directly: additions and aborts go through an inbox that the loop
 drains between steps, and outputs come back through per-request asyncio queues. If a caller stops listening
@@ -41,9 +45,12 @@ class AsyncEngine:
         self._wakeup = threading.Condition()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._finished = False  # the loop has returned (stopped or failed)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run the loop on a new thread."""
+        self._thread = threading.Thread(target=self.run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -52,6 +59,8 @@ class AsyncEngine:
         with self._wakeup:
             self._stopped = True
             self._wakeup.notify()
+        if self._thread is None:  # the loop runs on a caller's thread, which waits for it
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -67,7 +76,7 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and not self._finished
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
@@ -101,7 +110,9 @@ class AsyncEngine:
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step until shutdown() or a failure, on the calling thread. Ctrl-C or SIGTERM (on the main thread) fails
+        the pending requests and propagates."""
         engine = self.engine
         try:
             while True:
@@ -122,6 +133,11 @@ class AsyncEngine:
                         engine.abort_request(request_id)
                 for out in engine.step():
                     self._deliver(out.request_id, out)
+        except (KeyboardInterrupt, SystemExit):
+            self.fail(RuntimeError("the server is shutting down"))
+            raise
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; callers must hear about it
             log.exception("engine loop failed; refusing further requests")
             self.fail(exc)
+        finally:
+            self._finished = True

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 _GIB = 1 << 30
 # A loop blocked in a collective with a dead rank never returns; shutting down does not wait for it.
 _ENGINE_STOP_TIMEOUT_S = 10.0
+# Open streams end once the engine has failed them; a client that keeps its connection does not hold up the exit.
+_HTTP_STOP_TIMEOUT_S = 10
 
 
 def _kv_budget_bytes(options: EngineOptions, device: torch.device) -> int:
@@ -78,15 +81,41 @@ def build_engine(model: CausalLM, tokenizer: Any, eos_token_ids: set[int], optio
 
 
 def build_state(engine: LLMEngine, model_name: str, api_key: str | None = None,
-                reasoning_parser: str | None = None) -> ServerState:
-    """Start the engine thread and bundle what the HTTP layer needs."""
+                reasoning_parser: str | None = None, engine_thread: bool = True) -> ServerState:
+    """Bundle what the HTTP layer needs; with `engine_thread` the engine loop starts on its own thread, otherwise
+    the caller runs it (`state.engine.run()`)."""
     if reasoning_parser is not None and reasoning_parser not in PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(PARSERS)}")
     async_engine = AsyncEngine(engine)
-    async_engine.start()
+    if engine_thread:
+        async_engine.start()
     return ServerState(engine=async_engine, tokenizer=engine.tokenizer, model_name=model_name,
                        max_model_len=engine.config.max_model_len, api_key=api_key,
                        reasoning=PARSERS[reasoning_parser] if reasoning_parser else None)
+
+
+def start_in_thread(server: uvicorn.Server, startup_timeout_s: float | None = None,
+                    on_exit: Callable[[], None] | None = None) -> threading.Thread:
+    """Run a uvicorn server on a background thread (`on_exit` is called when it ends); returns once it listens.
+    SystemExit(1) if it cannot start (uvicorn has logged why: the port is taken, say) or has not started within
+    `startup_timeout_s`."""
+
+    def serve() -> None:
+        try:
+            server.run()
+        finally:
+            if on_exit is not None:
+                on_exit()
+
+    thread = threading.Thread(target=serve, name="http", daemon=True)
+    thread.start()
+    deadline = None if startup_timeout_s is None else time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or (deadline is not None and time.monotonic() > deadline):
+            server.should_exit = True
+            raise SystemExit(1)
+        time.sleep(0.01)
+    return thread
 
 
 def load_served_model(options: ServeOptions, parallel: ParallelContext, device: torch.device
@@ -143,18 +172,42 @@ def _engine(model: CausalLM, config: CommonConfig, tokenizer: Any, options: Serv
 
 
 def _serve(engine: LLMEngine, options: ServeOptions, ranks: RankGroup | None = None) -> None:
+    """One process: the engine loop on this thread, HTTP on a background one (torch's CPU kernels are faster on
+    the main thread). With other ranks the loop keeps its own thread: it can block in a collective with a dead
+    rank, and only the main thread receives Ctrl-C and SIGTERM."""
     state = build_state(engine, options.served_model_name or options.model_dir.name, options.api_key,
-                        options.reasoning_parser)
+                        options.reasoning_parser, engine_thread=ranks is not None)
     if ranks is not None:
         ranks.on_failure(state.engine.fail)
     log.info("serving %s as %r on http://%s:%d (max_model_len %d%s%s)", options.model_dir, state.model_name,
              options.host, options.port, state.max_model_len,
              f", tp {options.tp} {options.moe_parallel}" if options.tp > 1 else "",
              ", deterministic" if options.deterministic else "")
+    app = create_app(state)
+    if ranks is None:
+        _serve_engine_on_this_thread(state, app, options)
+    else:
+        _serve_engine_on_its_thread(state, app, options, ranks)
+
+
+def _serve_engine_on_this_thread(state: ServerState, app: Any, options: ServeOptions) -> None:
+    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
+                                           timeout_graceful_shutdown=_HTTP_STOP_TIMEOUT_S))
+    http = start_in_thread(server, on_exit=state.engine.shutdown)
     try:
-        uvicorn.run(create_app(state), host=options.host, port=options.port, log_level="info")
+        state.engine.run()  # returns if the engine fails (HTTP stays up to report it) or HTTP has ended
+        http.join()
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped, as SIGTERM is (SystemExit(0))
+        log.info("stopping")
+    finally:  # the engine has failed the open streams, so HTTP can drain and stop
+        server.should_exit = True
+        http.join(timeout=_HTTP_STOP_TIMEOUT_S + 5)
+
+
+def _serve_engine_on_its_thread(state: ServerState, app: Any, options: ServeOptions, ranks: RankGroup) -> None:
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="info")
     finally:
         stopped = state.engine.shutdown(timeout=_ENGINE_STOP_TIMEOUT_S)
-        if ranks is not None:
-            # The peers wait for rank 0's next step: tell them to stop, unless the step channel may be mid-step.
-            ranks.peers_idle = stopped and state.engine.error is None
+        # The peers wait for rank 0's next step: tell them to stop, unless the step channel may be mid-step.
+        ranks.peers_idle = stopped and state.engine.error is None

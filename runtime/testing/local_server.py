@@ -3,8 +3,6 @@ ephemeral port."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +12,7 @@ import uvicorn
 
 from runtime.model_api import CausalLM
 from runtime.server.app import create_app
-from runtime.server.launch import build_engine, build_state
+from runtime.server.launch import build_engine, build_state, start_in_thread
 from runtime.server.options import EngineOptions
 
 
@@ -22,13 +20,10 @@ from runtime.server.options import EngineOptions
 def serve_in_thread(app, startup_timeout_s: float = 20.0) -> Iterator[str]:
     """Run an ASGI app on a background thread; yields the base URL (http://127.0.0.1:PORT)."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
+    try:
+        thread = start_in_thread(server, startup_timeout_s)
+    except SystemExit:
+        raise RuntimeError("test server did not start") from None
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
