@@ -12,6 +12,9 @@
 Verdict: FAIL on any failed request, any 5xx, any engine error or a server that does not come up; else PASS.
 The greedy comparison is reported, not gated: random weights leave near-ties between the top logits, so a
 last-bit difference between kernels may flip a greedy token (results/kernels/serve-check-*.md measures how far).
+So that a flip can be told from a real error, each server also reports the margin between its two most likely
+first tokens (logprob difference = logit difference): a flip where the torch server's margin is within a
+kernel's rounding (a few hundredths of a logit at these widths) is a near-tie.
 
     python bench/gpu_serving.py --work /tmp/serving --out results/serving --tokenizer TOKENIZER_DIR
 """
@@ -60,6 +63,7 @@ class ServerResult:
     started: bool
     startup_s: float = 0.0
     greedy: list[str] = field(default_factory=list)
+    first_token_margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logprob, per prompt
     levels: list[LevelResult] = field(default_factory=list)
     http_5xx: int = 0
     engine_errors: list[str] = field(default_factory=list)
@@ -124,13 +128,17 @@ def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> dict
     return {"first_token": first, "mean_prefix": prefix, "identical": identical}
 
 
-def greedy_agreements(servers: list[ServerResult], tokenize) -> dict[str, dict[str, float]]:
-    """Each non-torch server's greedy completions against the torch server of the same variant, if any."""
+def greedy_agreements(servers: list[ServerResult], tokenize) -> dict[str, dict]:
+    """Each non-torch server's greedy completions against the torch server of the same variant, if any, with the
+    torch server's first-token top-2 margins at the prompts whose first tokens differ."""
     out = {}
     for s in servers:
         ref = next((r for r in servers if r.variant == s.variant and r.backend == "torch" and r.greedy), None)
         if ref is not None and s is not ref and s.greedy:
-            out[s.name] = greedy_agreement([tokenize(t) for t in ref.greedy], [tokenize(t) for t in s.greedy])
+            ref_ids, ids = [tokenize(t) for t in ref.greedy], [tokenize(t) for t in s.greedy]
+            out[s.name] = greedy_agreement(ref_ids, ids)
+            out[s.name]["ref_margins_where_first_differs"] = [
+                m for r, o, m in zip(ref_ids, ids, ref.first_token_margins) if r[:1] != o[:1]]
     return out
 
 
@@ -218,14 +226,29 @@ def healthy(url: str) -> bool:
         return False
 
 
-def ask_greedy(url: str, prompts: list[list[int]], max_tokens: int) -> list[str]:
+def top2_margin(top_logprobs: dict[str, float] | None) -> float:
+    """Top-1 minus top-2 logprob of one position's alternatives (NaN when fewer than two came back, e.g. two
+    tokens with the same text)."""
+    values = sorted((top_logprobs or {}).values(), reverse=True)
+    return values[0] - values[1] if len(values) >= 2 else float("nan")
+
+
+def ask_greedy(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[str], list[float]]:
+    """Greedy completions of the prompts, and the top-2 logprob margin of each one's first token."""
     model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-    texts = []
+    texts, margins = [], []
     for prompt in prompts:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "logprobs": 2}
         resp = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-        texts.append(resp.json()["choices"][0]["text"] if resp.status_code == 200 else f"<HTTP {resp.status_code}>")
-    return texts
+        if resp.status_code != 200:
+            texts.append(f"<HTTP {resp.status_code}>")
+            margins.append(float("nan"))
+            continue
+        choice = resp.json()["choices"][0]
+        texts.append(choice["text"])
+        margins.append(top2_margin(((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]))
+    return texts, margins
 
 
 def sweep_level(args, url: str, concurrency: int, num_prompts: int, output_len: int, seed: int, tag: str) -> dict:
@@ -258,7 +281,7 @@ def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[l
         if not result.started:
             return result
         log.info("%s up in %.0f s", result.name, result.startup_s)
-        result.greedy = ask_greedy(url, prompts, args.greedy_tokens)
+        result.greedy, result.first_token_margins = ask_greedy(url, prompts, args.greedy_tokens)
         levels = sweep_levels(args.sweep, result.name, args.concurrency)
         levels = [0, *levels] if levels else []
         for c in levels:
@@ -311,9 +334,15 @@ def render_markdown(env: dict[str, str], args, servers: list[ServerResult], agre
                          f"{m.get('itl_p99', float('nan')):.2f} |")
     lines += ["", f"Greedy completions ({len(servers[0].greedy) if servers else 0} prompts, {args.greedy_tokens} tokens) "
               "against the torch backend on the same checkpoint (reported, not gated; random weights):", "",
-              "| server | first token agrees | mean common prefix (tokens) | identical |", "|---|---|---|---|"]
+              "| server | first token agrees | mean common prefix (tokens) | identical | torch top-2 margin where the "
+              "first token differs |", "|---|---|---|---|---|"]
     for name, a in agreement.items():
-        lines.append(f"| {name} | {a['first_token']:.0%} | {a['mean_prefix']:.1f} | {a['identical']:.0%} |")
+        margins = ", ".join(f"{m:.3f}" for m in a.get("ref_margins_where_first_differs", [])) or "-"
+        lines.append(f"| {name} | {a['first_token']:.0%} | {a['mean_prefix']:.1f} | {a['identical']:.0%} | {margins} |")
+    lines += ["", "First-token top-2 logprob margins per prompt (top-1 minus top-2; a flip where the torch margin is "
+              "a few hundredths is a near-tie of random weights): " +
+              "; ".join(f"{s.name} " + ", ".join(f"{m:.3f}" for m in s.first_token_margins) for s in servers
+                        if s.first_token_margins)]
     lines += ["", "5xx responses and engine errors per server: " +
               ", ".join(f"{s.name} {s.http_5xx} / {len(s.engine_errors)}" for s in servers), ""]
     lines += [f"Verdict: {verdict}"] + [f"- {p}" for p in problems]

@@ -46,12 +46,23 @@ def test_failed_requests_5xx_engine_errors_and_dead_servers_fail():
 
 
 def test_greedy_agreement_against_the_torch_server():
-    torch_side = gpu_serving.ServerResult("w4afp8", "torch", started=True, greedy=["1 2 3", "4 5"])
-    fast = gpu_serving.ServerResult("w4afp8", "cutlass", started=True, greedy=["1 2 9", "7 5"])
+    torch_side = gpu_serving.ServerResult("w4afp8", "torch", started=True, greedy=["1 2 3", "4 5"],
+                                          first_token_margins=[0.5, 0.02])
+    fast = gpu_serving.ServerResult("w4afp8", "cutlass", started=True, greedy=["1 2 9", "7 5"],
+                                    first_token_margins=[0.4, 0.01])
     other = gpu_serving.ServerResult("fp8", "auto", started=True, greedy=["1"])
     agreement = gpu_serving.greedy_agreements([torch_side, fast, other], lambda text: [int(t) for t in text.split()])
     assert set(agreement) == {"w4afp8:cutlass"}  # fp8 has no torch server to compare with
-    assert agreement["w4afp8:cutlass"] == {"first_token": 0.5, "mean_prefix": 1.0, "identical": 0.0}
+    # the torch server's margin is reported where the first tokens differ (the second prompt)
+    assert agreement["w4afp8:cutlass"] == {"first_token": 0.5, "mean_prefix": 1.0, "identical": 0.0,
+                                           "ref_margins_where_first_differs": [0.02]}
+
+
+def test_top2_margin_of_a_position():
+    assert abs(gpu_serving.top2_margin({"a": -0.5, "b": -1.25}) - 0.75) < 1e-12
+    assert abs(gpu_serving.top2_margin({"b": -2.0, "a": -0.1}) - 1.9) < 1e-12  # order of the entries does not matter
+    assert gpu_serving.top2_margin({"a": -0.1}) != gpu_serving.top2_margin({"a": -0.1})  # NaN: one alternative only
+    assert gpu_serving.top2_margin(None) != gpu_serving.top2_margin(None)
 
 
 def test_sweep_levels_per_server():
