@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--compare-attention", action="store_true", help="also time the torch attention path")
     p.add_argument("--max-model-len", type=int, default=2048, help="context the CUDA graphs are captured for")
+    p.add_argument("--top-kernels", type=int, default=24, help="kernels listed per step (most time first)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -97,7 +98,7 @@ def main() -> None:
                 continue
             set_attention(model, use_kernel, kernels)
             times = time_steps(runner, step, args.warmup, args.steps)
-            launches, top = top_kernels(runner, step)
+            launches, top = top_kernels(runner, step, args.top_kernels)
             row = {"batch": batch, "variant": name, "median_ms": statistics.median(times), "min_ms": min(times),
                    "launches": launches, "top_kernels_ms": top}
             results.append(row)

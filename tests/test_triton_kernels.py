@@ -184,3 +184,55 @@ def test_fp8_block_linear_names_bad_scale_shape():
     w, ws = numerics.quantize_fp8_block(torch.randn(128, 256))
     with pytest.raises(ValueError, match="weight_scale_inv"):
         fp8_block_linear(torch.randn(2, 256), w, ws[:, :1])
+
+
+@pytest.mark.parametrize("experts,n_group,topk_group,k,dtype", [
+    (64, 8, 4, 8, torch.bfloat16),  # the serving check's R1-width model (router logits rounded to bf16)
+    (256, 8, 4, 8, torch.float32),  # DeepSeek-R1 (fp32 logits of dsv3_router_gemm)
+    (16, 4, 2, 3, torch.float32),  # k not a power of two
+])
+def test_fused_routing_matches_grouped_sigmoid_topk(experts, n_group, topk_group, k, dtype):
+    from runtime.kernels.routing import grouped_sigmoid_topk as fused
+    from runtime.layers.moe import grouped_sigmoid_topk
+
+    gen = torch.Generator(device=DEVICE).manual_seed(experts + k)
+    logits = (torch.randn(37, experts, device=DEVICE, generator=gen) * 2).to(dtype)
+    bias = torch.randn(experts, device=DEVICE, generator=gen) * 0.5  # large enough to change groups and experts
+    for renormalize in (True, False):
+        weights, ids = fused(logits, bias, k, n_group, topk_group, renormalize)
+        ref_weights, ref_ids = grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, renormalize)
+        assert ids.dtype == ref_ids.dtype and weights.dtype == torch.float32
+        assert torch.equal(ids, ref_ids)  # same experts in the same (descending biased-score) order
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_routing_breaks_ties_by_index_and_names_bad_shapes():
+    from runtime.kernels.routing import grouped_sigmoid_topk as fused
+
+    logits = torch.zeros(1, 16, device=DEVICE)  # every score equal: the lowest groups and experts win
+    weights, ids = fused(logits, torch.zeros(16, device=DEVICE), 3, 4, 2, True)
+    assert ids.tolist() == [[0, 1, 2]]
+    torch.testing.assert_close(weights, torch.full((1, 3), 1 / 3, device=DEVICE))
+    with pytest.raises(ValueError, match="power-of-two"):
+        fused(torch.zeros(2, 24, device=DEVICE), torch.zeros(24, device=DEVICE), 2, 3, 2, True)
+    with pytest.raises(ValueError, match="correction_bias"):
+        fused(torch.zeros(2, 16, device=DEVICE), torch.zeros(8, device=DEVICE), 2, 4, 2, True)
+
+
+@pytest.mark.parametrize("rows,size", [(1, 2048), (3, 1500)])
+def test_swiglu_kernel_matches_the_torch_expression(rows, size):
+    """Fused SwiGLU against quant/base.silu_and_mul, on the two halves of one gate/up output (strided views)."""
+    from runtime.kernels.swiglu import silu_and_mul as fused
+    from runtime.quant.base import silu_and_mul
+
+    gen = torch.Generator(device=DEVICE).manual_seed(size)
+    gate_up = (torch.randn(rows, 2 * size, device=DEVICE, generator=gen) * 4).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    out, ref = fused(gate, up), silu_and_mul(gate, up)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-5)  # a bf16 ulp at most
+    assert (out == ref).float().mean() > 0.99
+    with pytest.raises(ValueError, match="bf16"):
+        fused(gate.float(), up)
+    with pytest.raises(ValueError, match="both be"):
+        fused(gate, up[:, 1:])

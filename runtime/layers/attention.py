@@ -8,6 +8,7 @@ batch-invariant, are attended one sequence at a time. MLA is the single-key-head
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,14 @@ class DecodeGroup:
     block_size: int
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True = may attend (own tokens, inside the window)
     context_lens: torch.Tensor  # [B] tokens in each sequence's cache, the new one included
+    every_row: bool = False  # rows is 0..B-1 and the batch has no other rows (a pure decode step)
+
+    @functools.cached_property
+    def slot_table(self) -> torch.Tensor:
+        """[B, max_blocks * block_size] cache slot of each position of every sequence's blocks; computed once per
+        step (a paged decode kernel of every layer reads it)."""
+        offsets = torch.arange(self.block_size, device=self.blocks.device)
+        return (self.blocks[:, :, None] * self.block_size + offsets).flatten(1)
 
 
 @dataclass
@@ -74,7 +83,8 @@ class AttentionMetadata:
             if sliding_window is not None:
                 valid &= pos[None, :] >= ctx[:, None] - sliding_window
             decode = DecodeGroup(torch.tensor([starts[b] for b in decoding], device=device),
-                                 blocks.clamp(min=0), bs, valid[:, None, None, :], ctx)
+                                 blocks.clamp(min=0), bs, valid[:, None, None, :], ctx,
+                                 every_row=len(decoding) == len(batch.query_lens))
         return cls(spans, decode, batch.slot_mapping)
 
     @classmethod
@@ -87,7 +97,7 @@ class AttentionMetadata:
         if sliding_window is not None:
             valid &= pos[None, :] >= ctx[:, None] - sliding_window
         rows = torch.arange(ctx.shape[0], device=device)
-        decode = DecodeGroup(rows, batch.block_tables.clamp(min=0), bs, valid[:, None, None, :], ctx)
+        decode = DecodeGroup(rows, batch.block_tables.clamp(min=0), bs, valid[:, None, None, :], ctx, every_row=True)
         return cls([], decode, batch.slot_mapping)
 
 

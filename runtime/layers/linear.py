@@ -72,3 +72,36 @@ class Linear(nn.Module):
         if self.bias is not None and (self.reduce_output or self.parallel.rank == 0):
             y = y + self.bias
         return y
+
+
+def join_output_features(first: Linear, second: Linear) -> bool:
+    """After loading, before the quant methods lay the weights out: append `second`'s output features to
+    `first`'s, so that one GEMM reads the shared input once (decode on a GPU: one launch, and small GEMVs run
+    far under the bandwidth limit). Output column j of the joined layer is computed as before, only the
+    kernel's work split may change (fp32 summation order). Returns False, changing nothing, when the two
+    cannot be joined: different quant methods or parameters, a row-parallel layer, or a blocked scale (FP8
+    block) that `first`'s size would split."""
+    if type(first.quant_method) is not type(second.quant_method) or "row" in (first.mode, second.mode):
+        return False
+    mine, theirs = dict(first.named_parameters(recurse=False)), dict(second.named_parameters(recurse=False))
+    if mine.keys() != theirs.keys() or "weight" not in mine:
+        return False
+    n1, n2 = (layer.weight.shape[layer.weight.output_dim] for layer in (first, second))
+    for name, a in mine.items():
+        b, dim = theirs[name], getattr(a, "output_dim", None)
+        if dim is None or a.dtype != b.dtype or a.dim() != b.dim():
+            return False
+        if any(sa != sb for i, (sa, sb) in enumerate(zip(a.shape, b.shape)) if i != dim):
+            return False
+        if (a.shape[dim], b.shape[dim]) == (n1, n2):
+            continue  # one entry per output feature (weight, bias)
+        block = getattr(first.quant_method, "block", (0,))[0]  # per-block entries (FP8 block scales)
+        if not block or n1 % block or (a.shape[dim], b.shape[dim]) != (n1 // block, -(-n2 // block)):
+            return False
+    for name, a in mine.items():
+        joined = nn.Parameter(torch.cat((a.data, theirs[name].data), dim=a.output_dim), requires_grad=False)
+        for tag in ("output_dim", "input_dim"):
+            setattr(joined, tag, getattr(a, tag, None))
+        delattr(first, name)
+        first.register_parameter(name, joined)
+    return True

@@ -11,7 +11,8 @@ from torch import nn
 
 from runtime.config import DeepseekV3Config
 from runtime.layers.attention import AttentionMetadata, paged_attention
-from runtime.layers.linear import Linear
+from runtime.kernels import triton_available
+from runtime.layers.linear import Linear, join_output_features
 from runtime.layers.mlp import GatedMLP
 from runtime.layers.moe import FusedMoE, Router, grouped_sigmoid_topk
 from runtime.layers.norm import RMSNorm
@@ -72,12 +73,23 @@ class MLAttention(nn.Module):
         self.register_buffer("w_kc", w[:, : self.nope].to(self.dtype).contiguous())  # [heads, nope, kv_lora]
         self.register_buffer("w_vc", w[:, self.nope :].transpose(1, 2).to(self.dtype).contiguous())  # [heads, kv_lora, v]
         del self.kv_b_proj
+        # q_a and kv_a read the same input: on a GPU one GEMM computes both (decode: one launch, not two small ones).
+        self.q_a_rows = 0
+        if (hasattr(self, "q_a_proj") and self.q_a_proj.weight.is_cuda
+                and join_output_features(self.q_a_proj, self.kv_a_proj_with_mqa)):
+            self.q_a_rows = self.q_a_layernorm.weight.shape[0]
+            del self.kv_a_proj_with_mqa
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_a_rows:
+            q_a, kv_a = self.q_a_proj(x).split([self.q_a_rows, self.kv_lora + self.rope_dim], dim=-1)
+        else:
+            q_a = None if hasattr(self, "q_proj") else self.q_a_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q_nope, q_pe = q.view(t, self.num_heads, -1).split([self.nope, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora, self.rope_dim], dim=-1)
         cos, sin = self.rotary.cos_sin(positions)
         q_pe, k_pe = self.rotary.rotate(q_pe, cos, sin), self.rotary.rotate(k_pe, cos, sin)
         kv_cache[meta.slot_mapping] = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1).to(kv_cache.dtype)
@@ -91,12 +103,12 @@ class MLAttention(nn.Module):
         keys = kv_cache.unsqueeze(1)  # one shared key head: [slots, 1, kv_lora + rope]
         if self.decode_kernel is None:
             return paged_attention(q, keys, keys[..., : self.kv_lora], meta, self.scale)
-        out = q.new_empty(q.shape[0], q.shape[1], self.kv_lora)
         d = meta.decode
+        if d is not None and d.every_row:  # a pure decode step: no row gathers or scatters
+            return self.decode_kernel(q, kv_cache, d.slot_table, d.context_lens, self.kv_lora, self.scale)
+        out = q.new_empty(q.shape[0], q.shape[1], self.kv_lora)
         if d is not None:
-            offsets = torch.arange(d.block_size, device=d.blocks.device)
-            slot_table = (d.blocks[:, :, None] * d.block_size + offsets).flatten(1)
-            out[d.rows] = self.decode_kernel(q[d.rows], kv_cache, slot_table, d.context_lens, self.kv_lora, self.scale)
+            out[d.rows] = self.decode_kernel(q[d.rows], kv_cache, d.slot_table, d.context_lens, self.kv_lora, self.scale)
         # A lone decoding sequence (and, in batch-invariant mode, every one) is a span with one new token that
         # sees its whole cache. Attended alone, with splits chosen from its own length: batch-invariant.
         single = [s for s in meta.spans if s.length == 1 and s.mask is None]
@@ -123,6 +135,13 @@ class DeepseekMoE(nn.Module):
             c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
             quant=quant, prefix=f"{prefix}.experts", parallel=parallel, dtype=dtype, device=device,
         )
+        # One Triton kernel for the routing on a GPU (runtime/kernels/routing.py), where the shapes allow.
+        self.fused_routing = None
+        if triton_available(torch.device(device)):
+            from runtime.kernels.routing import grouped_sigmoid_topk as fused, supports
+
+            if supports(c.n_routed_experts, c.n_group, c.num_experts_per_tok, c.topk_group):
+                self.fused_routing = fused
         self.shared_experts = None
         if c.n_shared_experts:
             self.shared_experts = GatedMLP(
@@ -132,7 +151,9 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.c
-        weights, ids = grouped_sigmoid_topk(self.gate(x), self.gate.e_score_correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob)
+        logits = self.gate(x)
+        route = self.fused_routing if self.fused_routing is not None and logits.is_cuda else grouped_sigmoid_topk
+        weights, ids = route(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob)
         out = self.experts(x, ids, weights, c.routed_scaling_factor)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
