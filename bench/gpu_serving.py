@@ -63,6 +63,7 @@ class ServerResult:
     started: bool
     startup_s: float = 0.0
     greedy: list[str] = field(default_factory=list)
+    greedy_ids: list[list[int]] = field(default_factory=list)  # the same completions as token ids
     first_token_margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logprob, per prompt
     levels: list[LevelResult] = field(default_factory=list)
     http_5xx: int = 0
@@ -135,7 +136,12 @@ def greedy_agreements(servers: list[ServerResult], tokenize) -> dict[str, dict]:
     for s in servers:
         ref = next((r for r in servers if r.variant == s.variant and r.backend == "torch" and r.greedy), None)
         if ref is not None and s is not ref and s.greedy:
-            ref_ids, ids = [tokenize(t) for t in ref.greedy], [tokenize(t) for t in s.greedy]
+            # Token ids as the servers sampled them where both gave them: re-tokenized text merges byte fragments
+            # and drops ids past the tokenizer's vocabulary (the R1-width model's 129280 against 49152 here).
+            if ref.greedy_ids and s.greedy_ids:
+                ref_ids, ids = ref.greedy_ids, s.greedy_ids
+            else:
+                ref_ids, ids = [tokenize(t) for t in ref.greedy], [tokenize(t) for t in s.greedy]
             out[s.name] = greedy_agreement(ref_ids, ids)
             out[s.name]["ref_margins_where_first_differs"] = [
                 m for r, o, m in zip(ref_ids, ids, ref.first_token_margins) if r[:1] != o[:1]]
@@ -227,28 +233,31 @@ def healthy(url: str) -> bool:
 
 
 def top2_margin(top_logprobs: dict[str, float] | None) -> float:
-    """Top-1 minus top-2 logprob of one position's alternatives (NaN when fewer than two came back, e.g. two
-    tokens with the same text)."""
+    """Top-1 minus top-2 logprob of one position's alternatives (NaN when fewer than two came back)."""
     values = sorted((top_logprobs or {}).values(), reverse=True)
     return values[0] - values[1] if len(values) >= 2 else float("nan")
 
 
-def ask_greedy(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[str], list[float]]:
-    """Greedy completions of the prompts, and the top-2 logprob margin of each one's first token."""
+def ask_greedy(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[str], list[list[int]], list[float]]:
+    """Greedy completions of the prompts (text and token ids), and the top-2 logprob margin of each one's first
+    token. Logprobs name tokens by id (return_tokens_as_token_ids), so that two ids of one text stay apart."""
     model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-    texts, margins = [], []
+    texts, token_ids, margins = [], [], []
     for prompt in prompts:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "logprobs": 2}
+                "logprobs": 2, "return_tokens_as_token_ids": True}
         resp = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
         if resp.status_code != 200:
             texts.append(f"<HTTP {resp.status_code}>")
+            token_ids.append([])
             margins.append(float("nan"))
             continue
         choice = resp.json()["choices"][0]
+        logprobs = choice.get("logprobs") or {}
         texts.append(choice["text"])
-        margins.append(top2_margin(((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]))
-    return texts, margins
+        token_ids.append([int(t.removeprefix("token_id:")) for t in logprobs.get("tokens") or []])
+        margins.append(top2_margin((logprobs.get("top_logprobs") or [None])[0]))
+    return texts, token_ids, margins
 
 
 def sweep_level(args, url: str, concurrency: int, num_prompts: int, output_len: int, seed: int, tag: str) -> dict:
@@ -281,7 +290,7 @@ def serve_one(args, variant: str, backend: str, model_dir: Path, prompts: list[l
         if not result.started:
             return result
         log.info("%s up in %.0f s", result.name, result.startup_s)
-        result.greedy, result.first_token_margins = ask_greedy(url, prompts, args.greedy_tokens)
+        result.greedy, result.greedy_ids, result.first_token_margins = ask_greedy(url, prompts, args.greedy_tokens)
         levels = sweep_levels(args.sweep, result.name, args.concurrency)
         levels = [0, *levels] if levels else []
         for c in levels:

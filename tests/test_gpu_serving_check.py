@@ -57,6 +57,13 @@ def test_greedy_agreement_against_the_torch_server():
     assert agreement["w4afp8:cutlass"] == {"first_token": 0.5, "mean_prefix": 1.0, "identical": 0.0,
                                            "ref_margins_where_first_differs": [0.02]}
 
+    # Token ids, where both servers gave them, decide: here the texts agree but the ids do not (two ids of
+    # one text, or an id the tokenizer cannot render).
+    torch_side.greedy_ids, fast.greedy_ids = [[1, 2, 3], [4, 5]], [[1, 2, 9], [6, 5]]
+    fast.greedy = torch_side.greedy
+    by_ids = gpu_serving.greedy_agreements([torch_side, fast], lambda text: [int(t) for t in text.split()])
+    assert by_ids["w4afp8:cutlass"]["first_token"] == 0.5 and by_ids["w4afp8:cutlass"]["mean_prefix"] == 1.0
+
 
 def test_top2_margin_of_a_position():
     assert abs(gpu_serving.top2_margin({"a": -0.5, "b": -1.25}) - 0.75) < 1e-12

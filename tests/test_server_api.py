@@ -126,6 +126,22 @@ def test_completion_echo_logprobs_match_a_direct_full_sequence_forward(tiny, tok
     assert lp.text_offset[1] == len(lp.tokens[0])
 
 
+def test_completion_logprobs_can_name_tokens_by_id(tiny, tokenizer):
+    """vLLM's return_tokens_as_token_ids: the same logprobs, tokens and alternatives named "token_id:N"."""
+    url, _ = tiny
+    kwargs = dict(model="tiny", prompt="Name the tokens by id", max_tokens=3, temperature=0, logprobs=2)
+    plain = client(url).completions.create(**kwargs).choices[0]
+    by_id = client(url).completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in by_id.logprobs.tokens]
+    assert all(t.startswith("token_id:") for t in by_id.logprobs.tokens)
+    assert tokenizer.decode(ids) == plain.text == by_id.text
+    assert by_id.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    for named, texts in zip(by_id.logprobs.top_logprobs, plain.logprobs.top_logprobs):
+        assert [tokenizer.decode([int(k.removeprefix("token_id:"))]) for k in named] == list(texts)
+        assert list(named.values()) == list(texts.values())
+    assert by_id.logprobs.text_offset == plain.logprobs.text_offset
+
+
 def test_several_prompts_with_echo_are_scored_each_as_alone_for_loglikelihood_cards(tiny):
     # what a log-likelihood card sends: one prompt per option, echo, logprobs 1, max_tokens 1, in one request
     url, _ = tiny

@@ -40,7 +40,7 @@ def _logprobs_block(state: ServerState, body: CompletionRequest, prompt_ids: lis
     ids, entries = list(new_ids), list(new_entries)
     if body.echo and c.prompt_logprobs is not None and len(c.token_ids) == len(new_ids):
         ids, entries = prompt_ids + ids, c.prompt_logprobs + entries
-    return completion_logprobs(state.token_texts, ids, entries, offset)
+    return completion_logprobs(state.token_texts, ids, entries, offset, body.return_tokens_as_token_ids)
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, raw_request: Request):

@@ -108,6 +108,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    return_tokens_as_token_ids: bool = False  # extension (vLLM): logprobs name tokens "token_id:N"
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None

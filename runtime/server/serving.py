@@ -159,17 +159,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_logprobs(texts: TokenTexts, token_ids: list[int], entries: list[TokenLogprob | None],
-                        start_offset: int) -> dict[str, list]:
-    """Legacy completions layout; an entry of None (the first prompt token) has no logprob."""
+                        start_offset: int, tokens_as_ids: bool = False) -> dict[str, list]:
+    """Legacy completions layout; an entry of None (the first prompt token) has no logprob.
+
+    tokens_as_ids (vLLM's return_tokens_as_token_ids): tokens and alternatives named "token_id:N", so that ids
+    whose texts coincide (byte fragments, ids past the tokenizer's vocabulary) stay apart; offsets stay textual."""
+    name = (lambda t: f"token_id:{t}") if tokens_as_ids else texts.text
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = start_offset
     for token_id, entry in zip(token_ids, entries):
-        text = texts.text(token_id)
-        tokens.append(text)
+        tokens.append(name(token_id))
         offsets.append(offset)
-        offset += len(text)
+        offset += len(texts.text(token_id))
         token_logprobs.append(None if entry is None else entry.logprob)
-        top_logprobs.append(None if entry is None else {texts.text(t): lp for t, lp in entry.top})
+        top_logprobs.append(None if entry is None else {name(t): lp for t, lp in entry.top})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
