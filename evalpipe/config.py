@@ -244,6 +244,9 @@ class TaskEntry(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0)
     subjects: list[str] | None = Field(default=None, min_length=1)
+    # keep only questions whose text and options have at most this many characters (before offset and limit):
+    # shorter prompts, cheaper questions, chosen by length alone and never by any model's answers
+    max_question_chars: int | None = Field(default=None, ge=1)
 
     @field_validator("samples", mode="before")
     @classmethod

@@ -62,11 +62,18 @@ def load_questions(card: TaskCard, data_dir: Path | None) -> list[Question]:
     return sorted(questions, key=lambda q: question_order_key(card.name, q.id))
 
 
+def question_chars(question: Question) -> int:
+    """Characters of a question's text and options: what `max_question_chars` compares, the same for every model
+    and prompt template (a proxy for its prompt's token count)."""
+    return len(question.text) + sum(len(option) for option in question.options)
+
+
 def select_questions(
     card: TaskCard, questions: list[Question], *, limit: int | None, subjects: list[str] | None, where: str,
-    offset: int = 0,
+    offset: int = 0, max_question_chars: int | None = None,
 ) -> list[Question]:
-    """Apply a config's `subjects` (exact label match), then `offset` and `limit` (a slice of the fixed order)."""
+    """Apply a config's `subjects` (exact label match) and `max_question_chars`, then `offset` and `limit` (a slice
+    of the fixed order)."""
     if subjects:
         present = {q.labels["subject"] for q in questions if "subject" in q.labels}
         if not present:
@@ -76,6 +83,13 @@ def select_questions(
             raise UserError(f"{where}.subjects: unknown subject(s) {unknown} for task {card.name}")
         wanted = set(subjects)
         questions = [q for q in questions if q.labels.get("subject") in wanted]
+    if max_question_chars is not None:
+        kept = [q for q in questions if question_chars(q) <= max_question_chars]
+        if not kept:
+            shortest = min(map(question_chars, questions), default=0)
+            raise UserError(f"{where}.max_question_chars: no question of task {card.name} is that short "
+                            f"({max_question_chars}; the shortest has {shortest} characters)")
+        questions = kept
     if offset >= len(questions):
         raise UserError(f"{where}.offset: {offset} skips all {len(questions)} questions of task {card.name}")
     return questions[offset:offset + limit] if limit is not None else questions[offset:]

@@ -76,7 +76,7 @@ def plan_from_config(config: RunConfig | str | Path) -> tuple[RunConfig, list[Ta
         questions = load_questions(card, data_dir)
         limit = auto_limit(config, entry, card.sampling.samples, where) if entry.limit == "auto" else entry.limit
         questions = select_questions(card, questions, limit=limit, subjects=entry.subjects, where=where,
-                                     offset=entry.offset)
+                                     offset=entry.offset, max_question_chars=entry.max_question_chars)
         plans.append(build_task_plan(card, questions, samples=card.sampling.samples, seed=entry.seed))
     return config, plans
 

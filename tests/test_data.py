@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evalpipe.cards import load_card
-from evalpipe.data import load_questions, resolve_data_dir, select_questions
+from evalpipe.data import Question, load_questions, question_chars, resolve_data_dir, select_questions
 from evalpipe.errors import UserError
 from evalpipe.task_plan import build_task_plan, option_order, sample_seed
 from orch_helpers import SHARED_DATA, needs_shared_data
@@ -72,6 +72,20 @@ def test_mmlu_subjects_filter_and_unknown_subject() -> None:
     assert [q.id for q in limited] == [q.id for q in chosen if q.labels["subject"] == "virology"][:5]
     with pytest.raises(UserError, match=r"tasks\.3\.subjects: unknown subject\(s\) \['astrology'\]"):
         select_questions(card, questions, limit=None, subjects=["astrology"], where="tasks.3")
+
+
+def test_max_question_chars_keeps_short_questions_in_the_fixed_order() -> None:
+    card = load_card("mmlu")
+    questions = load_questions(card, SHARED_DATA)
+    short = select_questions(card, questions, limit=None, subjects=None, where="tasks.0", max_question_chars=300)
+    assert [q.id for q in short] == [q.id for q in questions if question_chars(q) <= 300]
+    assert 0.4 < len(short) / len(questions) < 0.6  # about half of MMLU
+    first = select_questions(card, questions, limit=8, subjects=["virology"], where="tasks.0", max_question_chars=300)
+    assert [q.id for q in first] == [q.id for q in short if q.labels["subject"] == "virology"][:8]
+    assert question_chars(Question("x", "abc", options=("de", "f"))) == 6
+    with pytest.raises(UserError, match=r"tasks\.2\.max_question_chars: no question of task mmlu is that short "
+                                        r"\(10; the shortest has \d+ characters\)"):
+        select_questions(card, questions, limit=None, subjects=None, where="tasks.2", max_question_chars=10)
 
 
 def _copy_data(tmp_path: Path, *relative: str) -> Path:

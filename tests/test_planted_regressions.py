@@ -1,6 +1,6 @@
 """The quickstart pipeline (configs/quickstart.yaml, shrunk to CI size) with real servers of our runtime on the
 demo model: the clean W4AFP8 candidate passes, a candidate with a planted fault fails on the divergence probe
-(at this size, 4 MMLU questions, accuracy cannot tell; the full quickstart's 64 fail it by accuracy too), and the
+(at this size, 4 MMLU questions, accuracy cannot tell; the full quickstart's 96 short ones fail it by accuracy too), and the
 baseline against itself (A/A) passes with zero divergence."""
 
 from __future__ import annotations
