@@ -135,6 +135,9 @@ def run_server(options: ServeOptions) -> None:
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SystemExit unwinds through the clean-ups
+        # Ctrl-C stops the server even when started with SIGINT ignored (a shell's background job), as it did
+        # while uvicorn, which installs its own handler, ran on this thread
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         tokenizer = load_tokenizer(options.model_dir)
     except (OSError, ValueError) as exc:
