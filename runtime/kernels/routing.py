@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from runtime.kernels.triton_casts import INTERPRETED
+from runtime.kernels.triton_casts import INTERPRETED, accurate_exp
 
 
 @triton.jit
@@ -36,10 +35,7 @@ def _grouped_sigmoid_topk_kernel(
     g = tl.arange(0, N_GROUP)
     idx = g[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]  # [groups, experts per group]
     x = tl.load(logits_ptr + row * logits_stride + idx).to(tl.float32)
-    if INTERPRET:
-        e = tl.exp(-x)  # numpy's exp (the interpreter has no libdevice)
-    else:
-        e = libdevice.exp(-x)
+    e = accurate_exp(-x, INTERPRET)
     scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e)
     choice = scores + tl.load(bias_ptr + idx)
     # Group score: its best biased score plus its second best (the best's position taken out, so a repeated

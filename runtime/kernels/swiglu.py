@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from runtime.kernels.triton_casts import INTERPRETED, to_bf16
+from runtime.kernels.triton_casts import INTERPRETED, accurate_exp, to_bf16
 
 BLOCK = 1024
 
@@ -25,10 +24,7 @@ def _silu_and_mul_kernel(gate_ptr, up_ptr, y_ptr, N, gate_stride, up_stride, BLO
     ok = cols < N
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride + cols, mask=ok, other=0.0).to(tl.float32)
-    if INTERPRET:
-        e = tl.exp(-g)  # numpy's exp (the interpreter has no libdevice)
-    else:
-        e = libdevice.exp(-g)
+    e = accurate_exp(-g, INTERPRET)
     tl.store(y_ptr + row * N + cols, to_bf16(tl.math.div_rn(g, 1.0 + e) * u, INTERPRET), mask=ok)
 
 

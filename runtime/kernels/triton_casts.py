@@ -1,4 +1,5 @@
-"""fp32 -> bf16 / e4m3 casts for the Triton kernels, exact under the CPU interpreter too."""
+"""fp32 -> bf16 / e4m3 casts and the exponential for the Triton kernels, exact (or accurate) under the CPU interpreter
+too."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Pass as the kernels' EXACT_CAST argument.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,3 +35,14 @@ def to_e4m3(v, EXACT_CAST: tl.constexpr):
         subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0
         v = tl.where(tl.abs(v) < 0.015625, subnormal, normal)
     return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def accurate_exp(v, INTERPRET: tl.constexpr):
+    """exp(v) in fp32 as torch's CUDA kernels compute it (libdevice's accurate expf, not the fast ex2 path of
+    tl.exp); under the interpreter, which has no libdevice, numpy's exp."""
+    if INTERPRET:
+        e = tl.exp(v)
+    else:
+        e = libdevice.exp(v)
+    return e
