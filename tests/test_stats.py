@@ -88,6 +88,20 @@ def test_identical_greedy_answers_with_mixed_outcomes_give_a_finite_floor():
     assert result.stderr == pytest.approx(math.sqrt(4 / (199 * 200)))
 
 
+def test_the_quickstarts_96_questions_fail_a_collapse_once_the_baseline_answers_10():
+    # configs/quickstart.yaml and the README: 96 greedy MMLU questions at a 5-point margin fail a candidate that
+    # answers none whenever the baseline answers 10 or more (it answers 16-17), and pass two identical sides.
+    def collapse(baseline_correct: int) -> str:
+        baseline = np.zeros((96, 1))
+        baseline[:baseline_correct] = 1.0
+        return noninferiority(np.zeros((96, 1)), baseline, margin=0.05).verdict
+
+    assert [collapse(k) for k in (9, 10, 17)] == ["inconclusive", "fail", "fail"]
+    same = np.zeros((96, 1))
+    same[:17] = 1.0
+    assert noninferiority(same, same, margin=0.05).verdict == "pass"
+
+
 def test_a_single_paired_question_is_inconclusive():
     verdict = noninferiority([[1.0]], [[1.0]], margin=0.5)
     assert verdict.verdict == "inconclusive" and math.isinf(verdict.stderr)
