@@ -44,13 +44,16 @@ def test_packed_weights_follow_the_wgmma_a_fragment(cute_layouts):
     q = torch.randint(-8, 8, (1, 64, 64), dtype=torch.int8)
     prepared = pack_wgmma_a_operand(pack_int4(q))[0, 0, 0]  # [128 threads, 16 bytes]
     assert len(cute_layouts["A"]) == 128 * 2 * 16
+    words = prepared.to(torch.int64).reshape(128, 4, 4)
+    words = (words << torch.tensor([0, 8, 16, 24])).sum(-1)  # [thread, word], little-endian
     for t, step, v, m, k in cute_layouts["A"]:
-        # The kernel's read order: register r = v // 4 of k-step `step` is the low (r even) or high 16 bits
-        # of word 2 * step + r // 2; value v is nibble v % 4 of those 16 bits.
-        r = v // 4
-        byte = 4 * (2 * step + r // 2) + 2 * (r % 2) + (v % 4) // 2
-        nibble = (int(prepared[t, byte]) >> (4 * (v % 2))) & 0xF
-        assert nibble - 16 * (nibble >> 3) == int(q[0, m, k]), (t, step, v)
+        # The kernel's read order: register r = v // 4 of k-step `step` is value a (r even) or b (r odd) of word
+        # 2 * step + r // 2; v % 4 is the element i (int4_to_fp8.cuh documents the bit fields).
+        r, i = v // 4, v % 4
+        word = int(words[t, 2 * step + r // 2])
+        index = (word >> (16 * (r % 2) + 4 * i)) & 7
+        sign = (word >> (8 * i + (3 if r % 2 else 7))) & 1
+        assert index - 8 * sign == int(q[0, m, k]), (t, step, v)
 
 
 def test_epilogue_coordinates_match_the_accumulator_fragment(cute_layouts):

@@ -209,34 +209,52 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   uint8_t* smem_b = smem + kStages * Cfg::kABytes;                     // kStages x fp8 activations (swizzled)
   uint8_t* smem_s = smem + kStages * (Cfg::kABytes + Cfg::kBBytes);    // kStages x 64 bf16 scales
 
-  // Stage sources advance by one stage (kSG scale groups), then to the next weight tile: no divisions in the loop.
+  // Loads walk this CTA's stages in order (kSG scale groups per stage, then the next weight tile) with running
+  // pointers: the loop adds strides rather than recomputing 64-bit addresses (the load path once took a third of
+  // the main loop's instructions, and small token tiles are bound by instruction issue).
   struct Cursor {
-    int nt, g;
-  };
-  auto advance = [&](Cursor& c) {
-    if (++c.g == g_begin + g_count) {
-      c.g = g_begin;
-      ++c.nt;
-    }
+    const uint8_t* a;    // this thread's 16 bytes of the stage's first 64-wide K block of weights
+    const uint16_t* sc;  // scales of the stage's first group for the tile's rows (8 bf16 per copying thread)
+    int stage;           // stage within the weight tile, g_begin <= stage < g_begin + g_count
   };
   const size_t a_tile_bytes = static_cast<size_t>(p.K / 64) * 2048;
-  const uint8_t* a_thread = p.w + static_cast<size_t>(expert) * n_tiles * a_tile_bytes + tid * 16;
-  const uint16_t* s_expert = p.scales + static_cast<size_t>(expert) * groups * p.N + tid * 8;
-  auto load_weights = [&](int s, Cursor c) {
+  // From the stage after a tile's last one to the next tile's first (negative when the last stage is half empty).
+  const ptrdiff_t a_wrap = static_cast<ptrdiff_t>(a_tile_bytes) - static_cast<ptrdiff_t>(g_count) * Cfg::kABytes;
+  const int sc_wrap = kTileRows - g_count * kSG * p.N;
+  auto advance = [&](Cursor& c) {
+    c.a += Cfg::kABytes;
+    c.sc += kSG * p.N;
+    if (++c.stage == g_begin + g_count) {
+      c.stage = g_begin;
+      c.a += a_wrap;
+      c.sc += sc_wrap;
+    }
+  };
+  // A stage's weights are kSG * G / 64 blocks of 2048 bytes, contiguous in global memory and in shared memory.
+  constexpr int kABlocks = kSG * (G / 64);
+  uint8_t* const a_dst = smem_a + tid * 16;
+  const bool copies_scales = tid < kTileRows * 2 / 16;
+  // The second group of a stage exists unless the group count is odd and this is the tile's last stage.
+  auto second_group_exists = [&](int stage) { return kSG == 1 || stage * kSG + 1 < groups; };
+  auto load_weights = [&](int s, const Cursor& c) {
+    const bool second = second_group_exists(c.stage);
 #pragma unroll
-    for (int h = 0; h < kSG; ++h) {
-      const int g = c.g * kSG + h;
-      if (kSG > 1 && g >= groups) break;
-      const uint8_t* a_src = a_thread + c.nt * a_tile_bytes + static_cast<size_t>(g) * (G / 64) * 2048;
+    for (int b = 0; b < kABlocks; ++b) {
+      if (kSG > 1 && b >= G / 64 && !second) break;
+      cp_async_16(a_dst + s * Cfg::kABytes + b * 2048, c.a + b * 2048, true);
+    }
+    if (copies_scales) {
 #pragma unroll
-      for (int j = 0; j < G / 64; ++j)
-        cp_async_16(smem_a + s * Cfg::kABytes + ((h * (G / 64) + j) * kThreads + tid) * 16, a_src + j * 2048, true);
-      if (tid < kTileRows * 2 / 16)
-        cp_async_16(smem_s + s * Cfg::kSBytes + h * kTileRows * 2 + tid * 16, s_expert + static_cast<size_t>(g) * p.N + c.nt * kTileRows, true);
+      for (int h = 0; h < kSG; ++h)
+        if (h == 0 || second) cp_async_16(smem_s + s * Cfg::kSBytes + h * kTileRows * 2 + tid * 16, c.sc + h * p.N, true);
     }
   };
   // Prologue, part 1: weights and scales of the first stages (one cp.async group), possibly before the wait.
-  Cursor cursor{nt_begin, g_begin};
+  const Cursor first{p.w + (static_cast<size_t>(expert) * n_tiles + nt_begin) * a_tile_bytes +
+                         static_cast<size_t>(g_begin) * Cfg::kABytes + tid * 16,
+                     p.scales + (static_cast<size_t>(expert) * groups + g_begin * kSG) * p.N + nt_begin * kTileRows + tid * 8,
+                     g_begin};
+  Cursor cursor = first;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < iters) load_weights(s, cursor);
@@ -263,31 +281,33 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
       b_src[i] = p.b + static_cast<size_t>(src_row) * p.K + col;
     }
   }
-  // A group past K (odd group count) gets zero activations: its partial is exactly zero.
+  // Rows past the tile's token count, and a group past K (odd group count), get zero activations: their
+  // products are exactly zero.
   auto load_activations = [&](int s, int stage) {
+    const bool second = second_group_exists(stage);
 #pragma unroll
     for (int h = 0; h < kSG; ++h) {
-      const int g = stage * kSG + h;
 #pragma unroll
       for (int i = 0; i < kBPerThread; ++i) {
-        const bool valid = b_src[i] != nullptr && (kSG == 1 || g < groups);
-        if (b_dst[h][i] >= 0) cp_async_16(smem_b + s * Cfg::kBBytes + b_dst[h][i], valid ? b_src[i] + g * G : p.b, valid);
+        const bool valid = b_src[i] != nullptr && (h == 0 || second);
+        if (b_dst[h][i] >= 0)
+          cp_async_16(smem_b + s * Cfg::kBBytes + b_dst[h][i], valid ? b_src[i] + stage * Cfg::kStageK + h * G : p.b, valid);
       }
     }
   };
   // Prologue, part 2: activations of the first stages, one group each (so group it+1 completes stage it).
   {
-    Cursor c{nt_begin, g_begin};
+    Cursor c = first;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < iters) load_activations(s, c.g);
+      if (s < iters) load_activations(s, c.stage);
       advance(c);
       cute::cp_async_fence();
     }
   }
   auto load_next_stage = [&](int s) {
     load_weights(s, cursor);
-    load_activations(s, cursor.g);
+    load_activations(s, cursor.stage);
     advance(cursor);
   };
 
@@ -310,6 +330,10 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   clear(accum);
   const float alpha = *p.alpha;
   int use_nt = nt_begin, use_g = g_begin, s = 0;
+  // The lookup tables' register words (see int4x8_to_e4m3x8), reloaded after each barrier so that they stay
+  // loaded values in registers; written before the loop's first barrier.
+  __shared__ uint2 lut_lo;
+  if (tid == 0) lut_lo = make_uint2(kFp8PosLo, kFp8NegLo);
 
   for (int it = 0; it < iters; ++it) {
     cute::cp_async_wait<kStages - 2>();
@@ -318,6 +342,7 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
     cute::cp_async_fence();
 
     // int4 -> e4m3 into the A fragment: word (step, half) holds rows (r, r+8) x 4 k of one register pair.
+    const uint2 lut = lut_lo;
 #pragma unroll
     for (int j = 0; j < Cfg::kStageK / 64; ++j) {
       const uint4 v = *reinterpret_cast<const uint4*>(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16);
@@ -325,8 +350,7 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const int step = 2 * j + w / 2, half = w % 2;
-        a_regs[step * 4 + 2 * half + 0] = int4x4_to_e4m3x4(words[w] & 0xffffu);
-        a_regs[step * 4 + 2 * half + 1] = int4x4_to_e4m3x4(words[w] >> 16);
+        int4x8_to_e4m3x8(words[w], lut.x, lut.y, a_regs[step * 4 + 2 * half + 0], a_regs[step * 4 + 2 * half + 1]);
       }
     }
     const uint16_t* sc = reinterpret_cast<const uint16_t*>(smem_s + s * Cfg::kSBytes);

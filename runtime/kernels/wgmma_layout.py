@@ -36,19 +36,26 @@ def swiglu_row_order(inter: int, device: torch.device | str | None = None) -> to
 def pack_wgmma_a_operand(packed: torch.Tensor) -> torch.Tensor:
     """int8 [E, N, K/2] (TRT-LLM int4 packing) -> uint8 [E, N/64, K/64, 128, 16] in wgmma A-fragment order.
 
-    Byte b of thread T's 16 bytes: word w = b // 4 covers k32 step w // 2 and K half w % 2; its low 16 bits
-    hold row g, its high 16 bits row g + 8; each 16 bits hold 4 consecutive K values, low nibble first.
+    Thread T's 16 bytes are 4 little-endian words; word w covers k32 step w // 2 and K half w % 2: 4 consecutive
+    K values a0..a3 of row g and b0..b3 of row g + 8, bit-packed for the kernel's lookup (int4_to_fp8.cuh):
+    q & 7 of a_i at bits 4i..4i+2 and of b_i at 16+4i..16+4i+2, the sign of a_i at bit 8i+7, of b_i at 8i+3.
     """
     e, n, k_half = packed.shape
     k = 2 * k_half
     if n % TILE_ROWS or k % K_BLOCK:
         raise ValueError(f"weight shape N={n}, K={k} must be multiples of {TILE_ROWS} and {K_BLOCK}")
-    q = unpack_int4(packed).to(torch.int16)
-    # [E, N/64, warp, row8, g, K/64, step, half, q, nibble]
+    q = unpack_int4(packed).to(torch.int64)
+    # [E, N/64, warp, row8, g, K/64, step, half, q, i]
     q = q.reshape(e, n // TILE_ROWS, 4, 2, 8, k // K_BLOCK, 2, 2, 4, 4)
-    q = q.permute(0, 1, 5, 2, 4, 8, 6, 7, 3, 9)  # [E, nt, kb, warp, g, q, step, half, row8, nibble]
-    q = q.reshape(e, n // TILE_ROWS, k // K_BLOCK, THREADS, 16, 2) & 0xF
-    return (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8).contiguous()
+    q = q.permute(0, 1, 5, 2, 4, 8, 6, 7, 3, 9)  # [E, nt, kb, warp, g, q, step, half, row8 (a, b), i]
+    q = q.reshape(e, n // TILE_ROWS, k // K_BLOCK, THREADS, 4, 2, 4)
+    i = torch.arange(4, device=q.device)
+    index, sign = q & 7, (q < 0).to(torch.int64)
+    word = (index[..., 0, :] << (4 * i)) | (index[..., 1, :] << (16 + 4 * i))
+    word = word | (sign[..., 0, :] << (8 * i + 7)) | (sign[..., 1, :] << (8 * i + 3))
+    word = word.sum(-1)  # the fields are disjoint: the sum is their bitwise or
+    byte = (word.unsqueeze(-1) >> (8 * i)) & 0xFF  # [..., 4 words, 4 bytes], little-endian
+    return byte.reshape(e, n // TILE_ROWS, k // K_BLOCK, THREADS, 16).to(torch.uint8).contiguous()
 
 
 def prepare_scales(scale: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,25 @@ int main() {
     Tensor c = thr.partition_C(make_identity_tensor(Shape<_64, _16>{}));
     for (int i = 0; i < size(c); ++i) printf("C %d %d %d %d\n", t, i, int(get<0>(c(i))), int(get<1>(c(i))));
   }
+  // Every 32-bit word is a valid stored word (layout in int4_to_fp8.cuh): check the decode of each of its 8
+  // weights on words with all nibbles equal (every value at every position) and on pseudo-random words.
   int bad = 0;
-  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
-    const uint32_t out = evalpipe::w4afp8::int4x4_to_e4m3x4(bits);
-    for (int i = 0; i < 4; ++i) {
-      const int v = int((bits >> (4 * i)) & 0xF) - (((bits >> (4 * i)) & 0x8) ? 16 : 0);
-      const cutlass::float_e4m3_t want{static_cast<float>(v)};
-      if (((out >> (8 * i)) & 0xFF) != want.storage) ++bad;
-    }
+  auto check = [&](uint32_t word) {
+    uint32_t out[2];
+    evalpipe::w4afp8::int4x8_to_e4m3x8(word, evalpipe::w4afp8::kFp8PosLo, evalpipe::w4afp8::kFp8NegLo, out[0], out[1]);
+    for (int half = 0; half < 2; ++half)
+      for (int i = 0; i < 4; ++i) {
+        const int index = int((word >> (16 * half + 4 * i)) & 0x7u);
+        const int sign = int((word >> (8 * i + (half ? 3 : 7))) & 0x1u);
+        const cutlass::float_e4m3_t want{static_cast<float>(index - 8 * sign)};
+        if (((out[half] >> (8 * i)) & 0xFF) != want.storage) ++bad;
+      }
+  };
+  for (uint32_t nib = 0; nib < 16; ++nib) check(nib * 0x11111111u);
+  uint32_t state = 12345u;
+  for (int n = 0; n < (1 << 20); ++n) {
+    state = state * 1664525u + 1013904223u;
+    check(state);
   }
   printf("CONVERT_BAD %d\n", bad);
   return 0;
