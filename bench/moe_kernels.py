@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     variants += [("cutlass_sg1", CutlassW4AFp8MoE(groups_per_stage=1))] if args.compare_stages else []
     variants += [(f"cutlass_tile{t}", CutlassW4AFp8MoE(token_tiles=tuple(x for x in TOKEN_TILES if x <= t)))
                  for t in args.sweep_max_tile]
+    variants += [(f"cutlass_mg{g}", CutlassW4AFp8MoE(min_groups_per_cta=g)) for g in args.sweep_min_groups]
     prepared_by_kind: dict[str, object] = {}
     for name, backend in variants:
         try:
@@ -376,6 +377,8 @@ def main() -> int:
     parser.add_argument("--compare-stages", action="store_true", help="also time cutlass with one group per stage")
     parser.add_argument("--compare-pdl", action="store_true", help="also time cutlass without dependent launch")
     parser.add_argument("--sweep-max-tile", type=int, nargs="*", default=[], help="extra cutlass variants")
+    parser.add_argument("--sweep-min-groups", type=int, nargs="*", default=[],
+                        help="extra cutlass variants: scale groups a CTA runs through before the split widens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.iters < 50:

@@ -41,7 +41,7 @@ class GemmPlan:
 
 
 def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_per_sm: int = CTAS_PER_SM,
-              groups_per_stage: int = 1) -> GemmPlan:
+              groups_per_stage: int = 1, min_groups_per_cta: int = MIN_GROUPS_PER_CTA) -> GemmPlan:
     """Work split for one grouped GEMM: long K per CTA for short-K GEMMs, split K when CTAs are too few.
 
     The kernel consumes `groups_per_stage` scale groups per pipeline stage; splits cover whole stages.
@@ -52,7 +52,7 @@ def plan_gemm(n: int, k: int, group: int, token_tiles: int, sm_count: int, ctas_
     n_per_cta = 1
     while (
         2 * n_per_cta <= n_tiles
-        and groups * n_per_cta < MIN_GROUPS_PER_CTA
+        and groups * n_per_cta < min_groups_per_cta
         and token_tiles * math.ceil(n_tiles / (2 * n_per_cta)) >= target
     ):
         n_per_cta *= 2
@@ -91,8 +91,9 @@ class CutlassW4AFp8MoE:
     name = "cutlass"
 
     def __init__(self, ctas_per_sm: int | None = None, token_tiles: tuple[int, ...] = TOKEN_TILES, pdl: bool = True,
-                 groups_per_stage: int = 2) -> None:
+                 groups_per_stage: int = 2, min_groups_per_cta: int = MIN_GROUPS_PER_CTA) -> None:
         self.ctas_per_sm = ctas_per_sm  # None: CTAS_PER_SM
+        self.min_groups_per_cta = min_groups_per_cta
         self.token_tiles = token_tiles
         # Programmatic dependent launch: each kernel starts while the previous one drains (the down GEMM
         # prefetches its weights meanwhile). Off: plain stream order.
@@ -149,8 +150,8 @@ class CutlassW4AFp8MoE:
         ctas_per_sm = self.ctas_per_sm or CTAS_PER_SM
         stage1 = ext.groups_per_stage(group1, tile, self.groups_per_stage)
         stage2 = ext.groups_per_stage(group2, tile, self.groups_per_stage)
-        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm, stage1)
-        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, ctas_per_sm, stage2)
+        plan1 = plan_gemm(2 * inter, hidden, group1, max_tiles, sm_count, ctas_per_sm, stage1, self.min_groups_per_cta)
+        plan2 = plan_gemm(hidden, inter, group2, max_tiles, sm_count, ctas_per_sm, stage2, self.min_groups_per_cta)
         ws_floats = max(ext.workspace_floats(max_tiles, n, tile, p.splits) if p.splits > 1 else 0
                         for n, p in ((2 * inter, plan1), (hidden, plan2)))
         counter_ints = max_tiles * max(2 * inter, hidden) // TILE_ROWS
