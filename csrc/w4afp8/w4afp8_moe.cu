@@ -331,9 +331,11 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
   const float alpha = *p.alpha;
   int use_nt = nt_begin, use_g = g_begin, s = 0;
   // The lookup tables' register words (see int4x8_to_e4m3x8), reloaded after each barrier so that they stay
-  // loaded values in registers; written before the loop's first barrier.
-  __shared__ uint2 lut_lo;
-  if (tid == 0) lut_lo = make_uint2(kFp8PosLo, kFp8NegLo);
+  // loaded values in registers; written before the loop's first barrier. Two copies read by lane parity: from
+  // one address the compiler knows the value is uniform, moves it to a uniform register and copies it back
+  // before every lookup again.
+  __shared__ uint2 lut_lo[2];
+  if (tid < 2) lut_lo[tid] = make_uint2(kFp8PosLo, kFp8NegLo);
 
   for (int it = 0; it < iters; ++it) {
     cute::cp_async_wait<kStages - 2>();
@@ -342,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) w4afp8_grouped_gemm_kernel(GemmArgs 
     cute::cp_async_fence();
 
     // int4 -> e4m3 into the A fragment: word (step, half) holds rows (r, r+8) x 4 k of one register pair.
-    const uint2 lut = lut_lo;
+    const uint2 lut = lut_lo[tid & 1];
 #pragma unroll
     for (int j = 0; j < Cfg::kStageK / 64; ++j) {
       const uint4 v = *reinterpret_cast<const uint4*>(smem_a + s * Cfg::kABytes + (j * kThreads + tid) * 16);
