@@ -89,7 +89,7 @@ def test_identical_greedy_answers_with_mixed_outcomes_give_a_finite_floor():
 
 
 def test_the_quickstarts_96_questions_fail_a_collapse_once_the_baseline_answers_10():
-    # configs/quickstart.yaml and the README: 96 greedy MMLU questions at a 5-point margin fail a candidate that
+    # configs/quickstart.yaml and the README: 96 one-sample MMLU questions at a 5-point margin fail a candidate that
     # answers none whenever the baseline answers 10 or more (it answers 16-17), and pass two identical sides.
     def collapse(baseline_correct: int) -> str:
         baseline = np.zeros((96, 1))
