@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from evalpipe.testing.serve_process import CLI, evalpipe_serve, free_port
+from evalpipe.testing.serve_process import CLI, evalpipe_serve
 
 
 @pytest.mark.slow
@@ -55,25 +55,11 @@ def test_ctrl_c_during_a_streamed_request_ends_the_stream_and_the_server(tiny_mo
 def test_ctrl_c_stops_a_server_started_with_sigint_ignored(tiny_model_dir):
     """A shell starts background jobs with SIGINT ignored; the server still stops on Ctrl-C, as it did while
     uvicorn (which installs its own handler) ran on the main thread."""
-    port = free_port()
-    proc = subprocess.Popen([*CLI, "--model", str(tiny_model_dir), "--dtype", "float32", "--port", str(port),
-                             "--max-model-len", "200", "--kv-cache-gib", "0.01"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=30)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output
-    assert "Traceback" not in output
+    with evalpipe_serve("--model", str(tiny_model_dir), "--dtype", "float32", "--max-model-len", "200",
+                        "--kv-cache-gib", "0.01", sigint_ignored=True) as server:
+        pass  # leaving the block sends SIGINT
+    assert server.proc.returncode == 0, server.output
+    assert "Traceback" not in server.output
 
 
 def test_serve_reports_an_unloadable_directory_in_one_line(tmp_path):

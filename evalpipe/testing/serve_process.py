@@ -34,11 +34,17 @@ class ServeProcess:
 
 
 @contextmanager
-def evalpipe_serve(*args: str, startup_timeout_s: float = 120.0) -> Iterator[ServeProcess]:
-    """`evalpipe serve --port P ARGS...`; yields once /health answers, sends SIGINT on exit."""
+def evalpipe_serve(
+    *args: str, startup_timeout_s: float = 120.0, sigint_ignored: bool = False
+) -> Iterator[ServeProcess]:
+    """`evalpipe serve --port P ARGS...`; yields once /health answers, sends SIGINT on exit.
+
+    sigint_ignored: start it with SIGINT ignored, as a shell starts a background job.
+    """
     port = free_port()
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     server = ServeProcess(port, subprocess.Popen([*CLI, "--port", str(port), *args], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True))
+                                                 stderr=subprocess.STDOUT, text=True, preexec_fn=ignore_sigint))
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
